@@ -1,0 +1,67 @@
+"""One way to start or join Ray, for every job.
+
+- `RAY_ADDRESS` (or `ray.address` in the config) set: join that cluster. Inside `ray job submit` this is how the
+  driver finds its head.
+- Otherwise: start a new local cluster sized so that Ray Train and Ray Serve both schedule on a 2-core laptop.
+
+Either way the live `rayloop` source travels to every worker as a `py_modules` entry of the runtime environment,
+merged by Ray with the job's own (`--working-dir .` brings `jobs/` and `serve/`). An edit made after `pip install
+-e .` is what the workers run, on this machine and on a cluster whose nodes never installed rayloop.
+Token authentication is Ray's default in 2.60 and is left on: nothing here sets RAY_AUTH_MODE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import rayloop
+from rayloop.config import RaySection
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(rayloop.__file__).resolve().parent
+# The repository root when rayloop runs from a checkout (platform/rayloop): jobs/ and serve/ live there.
+REPO_ROOT = PACKAGE_DIR.parent.parent if PACKAGE_DIR.parent.name == "platform" else None
+
+
+def runtime_env() -> dict:
+    """What every Ray worker needs to import the live code: rayloop itself, plus the checkout outside a job."""
+    env: dict = {"py_modules": [str(PACKAGE_DIR)]}
+    in_submitted_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    if REPO_ROOT is not None and not in_submitted_job:
+        # Outside `ray job submit` nothing else ships jobs/ and serve/; Ray honours .gitignore (.venv, runs/).
+        env["working_dir"] = str(REPO_ROOT)
+        env["excludes"] = ["platform/", "bench/results/", "tests/"]
+    return env
+
+
+def local_num_cpus(requested: int | None) -> int:
+    # Logical CPUs, not cores: with only 2 the Serve ingress never schedules beside an engine (STACK.md trap 5).
+    return requested or max(8, os.cpu_count() or 1)
+
+
+def init_ray(cfg: RaySection | None = None):
+    """Join the configured cluster or start a local one; idempotent. Returns ray's context."""
+    import ray
+
+    cfg = cfg or RaySection()
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        return ray.init(address=address, runtime_env=runtime_env(), logging_level=logging.WARNING)
+    return ray.init(
+        # "local": always a new cluster. Without it ray.init() joins whatever /tmp/ray/ray_current_cluster names,
+        # even a head that has since died. A running cluster is joined on purpose, with RAY_ADDRESS=auto.
+        address="local",
+        num_cpus=local_num_cpus(cfg.num_cpus),
+        object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+        # The dashboard serves Ray's state API (Train's clean-up polls it) and the job API; loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env(),
+        logging_level=logging.WARNING,
+    )

@@ -1,0 +1,254 @@
+"""Typed configs: pydantic models loaded from YAML, with dotted command-line overrides.
+
+    python -m jobs.pretrain --config jobs/configs/pretrain_tiny.yaml --optim.lr=3e-4 --scaling.num_workers=2
+
+Every section forbids unknown keys and documents each field with the docstring under it (litgpt style), so
+``--help`` can list them. Validation happens completely before Ray starts: a bad config costs no cluster.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+C = TypeVar("C", bound="Section")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and fits on one line."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, field docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections shared by every job. Defined once; each job's config composes the ones it needs.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RaySection(Section):
+    address: str | None = None
+    """Ray cluster to join (`auto`, `ray://host:10001`, `host:6379`). Unset: `RAY_ADDRESS`, else start a local one."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """Logical CPUs of a locally started cluster. Unset: max(8, cores), so Train and Serve both schedule on a laptop."""
+    object_store_memory_mb: int = Field(default=1024, ge=75)
+    """Object store size of a locally started cluster, in MiB (Ray's minimum is 75)."""
+
+
+class ModelSection(Section):
+    name_or_path: str = "tiny"
+    """A preset (`tiny`, `small`, `125m`) built locally from scratch, or a local HF model folder."""
+    vocab_size: int = Field(default=512, ge=300)
+    """Target vocabulary of the byte-level BPE tokenizer trained for a preset (ignored for HF folders)."""
+    seed: int = 0
+    """Seed of the randomly initialised weights of a preset."""
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _preset_or_folder(cls, value: str) -> str:
+        from rayloop.models import PRESETS  # local: models imports torch, configs stay cheap to load
+
+        if value in PRESETS:
+            return value
+        path = Path(value).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{value!r} is neither a preset ({', '.join(PRESETS)}) nor a local HF folder with config.json"
+            )
+        return str(path.resolve())
+
+
+class TaskSection(Section):
+    max_digits: int = Field(default=2, ge=1, le=9)
+    """Largest number of digits of an operand."""
+    ops: list[Literal["+", "-"]] = ["+", "-"]
+    """Operators the problems use."""
+    num_train: int = Field(default=4000, ge=1)
+    """Problems in the training split (pretraining corpus, SFT set, preference pairs)."""
+    num_eval: int = Field(default=200, ge=1)
+    """Problems in the held-out split, disjoint from the training split."""
+    seed: int = 0
+    """Seed: the same seed gives the same problems, in the same order."""
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(default=2, ge=1)
+    """Ray Train workers (one process each; one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """Give each worker a GPU (NCCL); otherwise CPU workers (gloo)."""
+    cpus_per_worker: float = Field(default=1, gt=0)
+    """Logical CPUs reserved for each worker."""
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and its step) on the CPU. ZeRO stage >= 1."""
+    offload_param: bool = False
+    """Keep parameters on the CPU between uses. ZeRO stage 3 only."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto`: bf16 on GPUs that support it, fp32 otherwise."""
+    overrides: dict[str, Any] = {}
+    """DeepSpeed config keys merged over the generated config, passed through unchanged (DeepSpeed's own names)."""
+
+
+class OptimSection(Section):
+    lr: float = Field(default=3e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(default=10, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Gradient norm clipping (0: off)."""
+
+
+class StorageSection(Section):
+    path: str = "~/rayloop-runs"
+    """Where runs and checkpoints go: a local folder (shared by all nodes on a cluster) or `s3://bucket/prefix`."""
+    name: str | None = None
+    """Run name: the folder under `path`; default the job's name. Running a job again with the same name resumes it."""
+
+    def run_dir(self) -> str:
+        if self.name is None:
+            raise ValueError("storage.name is unset (a JobConfig sets it to the job's name)")
+        if "://" in self.path:
+            return f"{self.path.rstrip('/')}/{self.name}"
+        return str(Path(self.path).expanduser().resolve() / self.name)
+
+
+class GenerateSection(Section):
+    max_tokens: int = Field(default=8, ge=1)
+    """New tokens per prompt."""
+    temperature: float = Field(default=0.0, ge=0)
+    """Sampling temperature (0: greedy)."""
+    max_model_len: int = Field(default=256, ge=16)
+    """Context length vLLM reserves KV cache for."""
+    gpu_memory_utilization: float = Field(default=0.25, gt=0, le=1)
+    """vLLM's memory fraction. On CPU it is a fraction of the NUMA node's memory (STACK.md trap 2): keep it low."""
+    dtype: str = "auto"
+    """vLLM weight dtype (`auto`, `bfloat16`, `float32`)."""
+    enforce_eager: bool = True
+    """Skip CUDA graphs and compilation: fast start, right for CPU and tests; set false on GPUs for throughput."""
+
+
+class JobConfig(Section):
+    """Base of every job's config: where Ray runs and where the run is stored."""
+
+    job_name: ClassVar[str]
+    ray: RaySection = RaySection()
+    storage: StorageSection = StorageSection()
+
+    @model_validator(mode="after")
+    def _default_run_name(self):
+        if self.storage.name is None:
+            self.storage.name = self.job_name
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in err and not isinstance(err["input"], dict | list):
+            message += f" (got {err['input']!r})"
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split `--config PATH` from `--a.b=value` / `--a.b value` overrides; values are parsed as YAML scalars."""
+    config_path, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r} (expected --config PATH or --section.field=value)")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key}: missing value")
+            raw, i = argv[i + 1], i + 1
+        i += 1
+        if key == "config":
+            config_path = raw
+        else:
+            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+    return config_path, overrides
+
+
+def load_config(cls: type[C], argv: list[str] | None = None, *, path: str | None = None) -> C:
+    """Build a `cls` from an optional YAML file and dotted overrides; raise ConfigError naming the field."""
+    config_path, overrides = parse_args(list(argv or []))
+    config_path = config_path or path
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        file = Path(config_path)
+        if not file.is_file():
+            raise ConfigError(f"--config: no such file {config_path!r}")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {config_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {config_path} must hold a mapping of sections, not {type(loaded).__name__}")
+        data = loaded or {}
+    for dotted, value in overrides.items():
+        _set_dotted(data, dotted, value)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def describe_fields(cls: type[Section], prefix: str = "") -> list[str]:
+    """One line per leaf field: dotted name, default, description. Used by --help."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            lines += describe_fields(annotation, f"{prefix}{name}.")
+        else:
+            lines.append(f"  --{prefix}{name}  (default {field.default!r})  {field.description or ''}".rstrip())
+    return lines
+
+
+def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = None) -> Any:
+    """Entry point of every job: validate the whole config first, then call main. Exit 2 with one line if bad."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: python -m <job> [--config PATH] [--section.field=value ...]\n\n{cls.__doc__ or ''}\n")
+        print("\n".join(describe_fields(cls)))
+        return None
+    try:
+        cfg = load_config(cls, argv)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return main(cfg)

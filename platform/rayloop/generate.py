@@ -1,0 +1,33 @@
+"""Offline generation with vLLM, run as a Ray task so it lands on a GPU node when there is one."""
+
+from __future__ import annotations
+
+from rayloop.config import GenerateSection
+
+
+def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> list[dict]:
+    """Completions of `prompts` from the HF folder `model_dir`, in order, as {"text", "token_ids"}.
+
+    Call under a `__main__` guard or in a Ray task: vLLM's engine spawns processes (STACK.md trap 3)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_dir,
+        dtype=gen.dtype,
+        max_model_len=gen.max_model_len,
+        gpu_memory_utilization=gen.gpu_memory_utilization,
+        enforce_eager=gen.enforce_eager,
+        seed=0,
+    )
+    params = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, seed=0)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids)} for out in outputs]
+
+
+def generate_on_ray(model_dir: str, prompts: list[str], gen: GenerateSection, *, use_gpu: bool = False) -> list[dict]:
+    """vllm_generate in a Ray task holding one GPU (use_gpu) or one CPU. Ray must be initialised."""
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0,
+                      runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})(vllm_generate)
+    return ray.get(task.remote(model_dir, prompts, gen))

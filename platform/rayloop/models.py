@@ -1,0 +1,133 @@
+"""Model factory: a locally trained byte-level BPE tokenizer and Llama-family causal LMs from named presets.
+
+Nothing is downloaded: presets are built from a config and random weights; any local HF folder works in their place.
+Every folder this module writes is a plain `save_pretrained` folder that transformers and vLLM load unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+# Llama-family shapes. `tiny` is for tests (~1M parameters), `small` the CPU benchmark size (~28M, as in STACK.md),
+# `125m` the GPU benchmark size. A real 7B model is a local HF folder, not a preset.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=512),
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, max_position_embeddings=1024),
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, max_position_embeddings=2048),
+}
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Chat template: role marker, content, EOS. The `{% generation %}` block marks what the assistant writes, so TRL can
+# train on assistant tokens only (assistant_only_loss).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|assistant|>' }}{% generation %}{{ message['content'] + '</s>' }}"
+    "{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '</s>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer on `texts`; digits are split one by one so numbers tokenize uniformly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    # BOS first, as Llama tokenizers do: a prompt then starts the way every training document started.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=max(p["max_position_embeddings"] for p in PRESETS.values()),
+    )
+
+
+def build_model(preset: str, tokenizer, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM of the preset's shape, sized to the tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = -(-len(tokenizer) // 64) * 64  # round up: friendlier matmul shapes, spare ids cost nothing
+    config = LlamaConfig(
+        vocab_size=vocab,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+        **PRESETS[preset],
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """`save_pretrained` model and tokenizer into out_dir atomically: written beside it, then renamed into place.
+
+    A crash half-way leaves either the previous folder or none, never a half-written one.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def create_model_folder(preset: str, texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512,
+                        seed: int = 0) -> Path:
+    """Train a tokenizer on `texts`, build the preset, save both as one HF folder."""
+    tokenizer = train_tokenizer(texts, vocab_size)
+    model = build_model(preset, tokenizer, seed)
+    return save_hf_folder(model, tokenizer, out_dir)
+
+
+def load_model(path: str | os.PathLike, dtype=None):
+    """Model and tokenizer from an HF folder (no hub access)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return model, tokenizer

@@ -1,0 +1,127 @@
+"""A verifiable synthetic task: integer arithmetic with exactly checkable answers.
+
+One seed gives the same splits every time: a pretraining corpus, an SFT set (prompt -> answer), preference pairs
+(chosen = right answer, rejected = a plausible wrong one) and a held-out eval set whose problems never appear in
+training. `score` is the exact-match check every job and reward uses.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from rayloop.config import TaskSection
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    op: str
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}{self.op}{self.b}="
+
+    @property
+    def answer(self) -> str:
+        return str(self.a + self.b if self.op == "+" else self.a - self.b)
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def extract_answer(completion: str) -> str | None:
+    """The first integer in a completion, or None."""
+    match = _INTEGER.search(completion)
+    return match.group(0) if match else None
+
+
+def score(completion: str, answer: str) -> float:
+    """Exact match: 1.0 when the completion's first integer is the answer, and nothing but space follows it."""
+    match = _INTEGER.match(completion.strip())
+    if match is None:
+        return 0.0
+    rest = completion.strip()[match.end():]
+    return float(match.group(0) == answer and rest.strip() == "")
+
+
+def wrong_answer(problem: Problem, rng: random.Random) -> str:
+    """A plausible wrong answer: the right one with one digit changed, or off by a small amount."""
+    right = problem.answer
+    digits = [i for i, c in enumerate(right) if c.isdigit()]
+    while True:
+        if rng.random() < 0.5:
+            i = rng.choice(digits)
+            candidate = right[:i] + str(rng.choice([d for d in range(10) if str(d) != right[i]])) + right[i + 1:]
+            if len(candidate) > 1 and candidate.lstrip("-").startswith("0"):
+                continue
+        else:
+            candidate = str(int(right) + rng.choice([-10, -2, -1, 1, 2, 10]))
+        if candidate != right:
+            return candidate
+
+
+class ArithmeticTask:
+    """Problems `a op b` with operands of up to `max_digits` digits, split into train and held-out eval sets."""
+
+    def __init__(self, cfg: TaskSection | None = None):
+        self.cfg = cfg or TaskSection()
+
+    @cached_property
+    def _splits(self) -> tuple[list[Problem], list[Problem]]:
+        cfg = self.cfg
+        rng = random.Random(cfg.seed)
+        high = 10**cfg.max_digits - 1
+        space = (high + 1) ** 2 * len(cfg.ops)
+        if cfg.num_train + cfg.num_eval > space:
+            raise ValueError(f"task: {cfg.num_train + cfg.num_eval} problems asked, only {space} distinct exist")
+        # Distinct problems: the eval set can then never leak into training.
+        seen: set[Problem] = set()
+        problems: list[Problem] = []
+        while len(problems) < cfg.num_train + cfg.num_eval:
+            problem = Problem(rng.randint(0, high), rng.choice(cfg.ops), rng.randint(0, high))
+            if problem not in seen:
+                seen.add(problem)
+                problems.append(problem)
+        return problems[cfg.num_eval:], problems[: cfg.num_eval]
+
+    @property
+    def train_problems(self) -> list[Problem]:
+        return self._splits[0]
+
+    @property
+    def eval_problems(self) -> list[Problem]:
+        return self._splits[1]
+
+    def pretrain_corpus(self) -> list[str]:
+        """One document per training problem: `12+34=46`."""
+        return [p.text for p in self.train_problems]
+
+    def sft_examples(self) -> list[dict]:
+        """Prompt/completion pairs (TRL's prompt-completion format)."""
+        return [{"prompt": p.prompt, "completion": p.answer} for p in self.train_problems]
+
+    def preference_pairs(self) -> list[dict]:
+        """Prompt/chosen/rejected triples (TRL's preference format): chosen right, rejected wrong."""
+        rng = random.Random(self.cfg.seed + 1)
+        return [
+            {"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng)} for p in self.train_problems
+        ]
+
+    def eval_examples(self) -> list[dict]:
+        """Held-out prompts and their answers."""
+        return [{"prompt": p.prompt, "answer": p.answer} for p in self.eval_problems]
+
+
+def accuracy(completions: list[str], answers: list[str]) -> float:
+    """Mean exact-match score."""
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions for {len(answers)} answers")
+    return sum(score(c, a) for c, a in zip(completions, answers)) / max(len(answers), 1)

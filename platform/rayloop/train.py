@@ -1,0 +1,138 @@
+"""Ray Train + DeepSpeed glue shared by every training job.
+
+Driver side: `make_trainer` turns the shared config sections into a `TorchTrainer` (ScalingConfig, RunConfig with
+FailureConfig and CheckpointConfig). Worker side: `deepspeed_config` writes DeepSpeed's own config dict from the
+sections (anything else passes through `deepspeed.overrides`), `shard_blocks` gives each worker its slice of the
+data, and `report_hf_checkpoint` gathers the weights (ZeRO-3 included) into an HF folder and hands it to
+`ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable
+
+from rayloop.config import DeepSpeedSection, OptimSection, ScalingSection, StorageSection
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def use_bf16(ds: DeepSpeedSection, use_gpu: bool) -> bool:
+    if ds.precision != "auto":
+        return ds.precision == "bf16"
+    import torch
+
+    return use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_size: int, grad_accum: int,
+                     world_size: int, total_steps: int, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's config dict, in DeepSpeed's own keys: ZeRO, offload, precision, AdamW, warm-up + cosine LR."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.zero_stage == 3:
+        # Gather full weights on save so the HF folder is ordinary, not sharded.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(ds, use_gpu)},
+        "optimizer": {
+            "type": "AdamW",
+            # FusedAdam needs CUDA; on CPU workers DeepSpeed must use torch's AdamW.
+            "params": {"lr": optim.lr, "weight_decay": optim.weight_decay, "torch_adam": not use_gpu},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, optim.warmup_steps + 1),
+                "warmup_num_steps": optim.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.1,
+            },
+        },
+        "steps_per_print": 10**9,  # progress goes to the bar and TensorBoard, not DeepSpeed's log lines
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, ds.overrides)
+
+
+def shard_blocks(blocks, rank: int, world_size: int):
+    """This worker's rows of a [n, block] tensor: every world_size-th row, the same count on every worker."""
+    usable = (len(blocks) // world_size) * world_size
+    if usable == 0:
+        raise ValueError(f"{len(blocks)} blocks of data cannot feed {world_size} workers")
+    return blocks[rank:usable:world_size]
+
+
+def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scaling: ScalingSection,
+                 storage: StorageSection, max_failures: int = 0, num_to_keep: int | None = None):
+    """A TorchTrainer for `train_loop(loop_config)` on `scaling`, storing runs under `storage`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = storage.run_dir()
+    storage_path, name = run_dir.rsplit("/", 1)
+    return TorchTrainer(
+        train_loop_per_worker=train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+        ),
+    )
+
+
+def gathered_state_dict(engine) -> dict | None:
+    """Full-precision-layout state dict of a DeepSpeed engine on rank 0 (None elsewhere), ZeRO-3 shards gathered."""
+    import deepspeed
+    import torch.distributed as dist
+
+    module = engine.module
+    if engine.zero_optimization_partition_weights():
+        # Every rank must take part in the gather; only rank 0 keeps the result.
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
+        return state
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
+
+
+def report_hf_checkpoint(engine, tokenizer, metrics: dict[str, Any], extra: Callable[[str], None] | None = None):
+    """ray.train.report(metrics) with an HF folder (`hf/`) written by rank 0 as the checkpoint.
+
+    `extra(dir)` lets a job add its own resume state to the same checkpoint directory. Every rank must call this.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    state = gathered_state_dict(engine)
+    if dist.get_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        module = engine.module
+        hf_dir = os.path.join(tmp, "hf")
+        module.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(hf_dir)
+        if extra is not None:
+            extra(tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.pretrain import PretrainConfig
+from rayloop.config import ConfigError, load_config, parse_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_yaml_then_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\ntrain:\n  steps: 5\n")
+    cfg = load_config(PretrainConfig, ["--config", str(path), "--optim.lr=3e-4", "--deepspeed.zero_stage", "3"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.steps == 5
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.storage.name == "pretrain"  # the job's name is the default run name
+
+
+def test_override_values_parse_as_yaml():
+    _, overrides = parse_args(["--a.b=true", "--a.c=[1, 2]", "--a.d", "null", "--a.e=x"])
+    assert overrides == {"a.b": True, "a.c": [1, 2], "a.d": None, "a.e": "x"}
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--optim.learning_rate=1"], "optim.learning_rate: unknown key"),
+        (["--bogus=1"], "bogus: unknown key"),
+        (["--optim.lr=abc"], "optim.lr: Input should be a valid number"),
+        (["--optim.lr=-1"], "optim.lr: Input should be greater than 0"),
+        (["--deepspeed.zero_stage=5"], "deepspeed.zero_stage"),
+        (["--scaling.num_workers=0"], "scaling.num_workers"),
+        (["--model.name_or_path=/nonexistent"], "model.name_or_path"),
+        (["--train.global_batch_size=7"], "train.global_batch_size (7) must be divisible"),
+        (["--config", "/nonexistent.yaml"], "--config: no such file"),
+        (["--optim.lr"], "--optim.lr: missing value"),
+        (["positional"], "unexpected argument"),
+    ],
+)
+def test_bad_config_names_the_field(argv, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, argv)
+    assert fragment in str(info.value), f"expected {fragment!r} in {str(info.value)!r}"
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_yaml_shape(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(PretrainConfig, ["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv", [["--deepspeed.zero_stage=5"], ["--config", "missing.yaml"], ["--optim.lrr=1"]])
+def test_job_exits_with_one_line_before_ray_starts(argv):
+    # An unreachable RAY_ADDRESS: had the job got as far as Ray, it would fail differently and much later.
+    env = {"RAY_ADDRESS": "127.0.0.1:1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "jobs.pretrain", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: "), proc.stderr
+    assert proc.stdout == ""
+
+
+def test_help_lists_every_field_with_its_description():
+    proc = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert "--deepspeed.zero_stage  (default 2)  ZeRO stage" in proc.stdout
+    assert "--optim.lr" in proc.stdout

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from rayloop.config import DeepSpeedSection, OptimSection
+from rayloop.train import deepspeed_config, shard_blocks
+
+
+def _config(ds=DeepSpeedSection(), **kw):
+    args = dict(micro_batch_size=4, grad_accum=2, world_size=2, total_steps=100, use_gpu=False) | kw
+    return deepspeed_config(ds, OptimSection(lr=1e-3, warmup_steps=5), **args)
+
+
+def test_deepspeed_keys_from_sections():
+    cfg = _config()
+    assert cfg["train_batch_size"] == 16
+    assert cfg["zero_optimization"] == {"stage": 2}
+    assert cfg["optimizer"]["params"]["torch_adam"] is True  # CPU: no FusedAdam
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 5
+    assert cfg["bf16"]["enabled"] is False  # auto on CPU: fp32
+
+
+def test_zero3_offload_and_passthrough_overrides():
+    ds = DeepSpeedSection(zero_stage=3, offload_optimizer=True, offload_param=True, precision="bf16",
+                          overrides={"zero_optimization": {"stage3_max_live_parameters": 1000}, "prescale_gradients": True})
+    zero = _config(ds)["zero_optimization"]
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["stage3_max_live_parameters"] == 1000 and zero["stage"] == 3
+    assert _config(ds)["prescale_gradients"] is True and _config(ds)["bf16"]["enabled"] is True
+
+
+def test_shards_are_disjoint_equal_and_cover():
+    blocks = torch.arange(11).view(11, 1)
+    shards = [shard_blocks(blocks, r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    flat = torch.cat(shards).flatten().tolist()
+    assert len(set(flat)) == 9
+    with pytest.raises(ValueError):
+        shard_blocks(blocks[:2], 0, 3)
