@@ -11,12 +11,13 @@ the packed corpus, and the final weights come back as an HF folder in a Ray Trai
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from pydantic import Field, model_validator
 
-from rayloop.config import (DeepSpeedSection, JobConfig, ModelSection, OptimSection, ScalingSection, Section,
-                            TaskSection, run_cli)
+from rayloop.config import (DataSection, DeepSpeedSection, JobConfig, ModelSection, OptimSection, ScalingSection,
+                            Section, TaskSection, run_cli)
 
 
 class TrainSection(Section):
@@ -29,9 +30,16 @@ class TrainSection(Section):
     seq_len: int = Field(default=64, ge=8)
     """Tokens per packed training block."""
     log_every: int = Field(default=10, ge=1)
-    """Report training metrics every this many steps."""
-    seed: int = 0
-    """Data order seed."""
+    """Log training metrics (TensorBoard, Ray Train) every this many steps."""
+    checkpoint_every: int = Field(default=100, ge=1)
+    """Eval loss and perplexity, then a checkpoint, every this many steps (and always at the last step)."""
+    keep_checkpoints: int | None = Field(default=3, ge=1)
+    """Checkpoints kept in storage, newest first (None: all)."""
+    max_failures: int = Field(default=1, ge=-1)
+    """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
+    fault_delay_checkpoint_step: int | None = None
+    """Test hook: at this step of a run's first attempt, ranks other than 0 wait 30 s before reporting their
+    checkpoint, so a test can kill a worker in the middle of a checkpoint."""
 
 
 class PretrainConfig(JobConfig):
@@ -40,6 +48,7 @@ class PretrainConfig(JobConfig):
     job_name = "pretrain"
     model: ModelSection = ModelSection()
     task: TaskSection = TaskSection()
+    data: DataSection = DataSection()
     scaling: ScalingSection = ScalingSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     optim: OptimSection = OptimSection()
@@ -87,25 +96,38 @@ def evaluate(engine, blocks, micro_batch_size: int) -> float:
     return _mean_over_workers(sum(losses) / len(losses))
 
 
+def batch_at(blocks, position: int, micro: int, seed: int):
+    """The micro batch at `position` (in micro batches) of an endless, per-epoch reshuffled pass over `blocks`.
+
+    A pure function of the position: resuming at a step needs no saved sampler state.
+    """
+    import torch
+
+    per_epoch = len(blocks) // micro
+    if per_epoch == 0:
+        raise ValueError(f"{len(blocks)} blocks per worker cannot fill a micro batch of {micro}")
+    epoch, index = divmod(position, per_epoch)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return blocks[order[index * micro: (index + 1) * micro]]
+
+
 def train_loop(loop_config: dict) -> None:
     import deepspeed
     import ray.train
-    import torch
 
-    from rayloop.data import pack_blocks
+    from rayloop.data import load_documents, pack_blocks
     from rayloop.models import load_model
-    from rayloop.tasks import ArithmeticTask
-    from rayloop.train import deepspeed_config, report_hf_checkpoint, shard_blocks
+    from rayloop.tracking import Tracker, plot_curves
+    from rayloop.train import deepspeed_config, restore_checkpoint, save_checkpoint, shard_blocks
 
     cfg: PretrainConfig = loop_config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     model, tokenizer = load_model(loop_config["model_dir"])
-    task = ArithmeticTask(cfg.task)
-    train_blocks = shard_blocks(pack_blocks(task.pretrain_corpus(), tokenizer, cfg.train.seq_len), rank, world)
-    eval_texts = [p.text for p in task.eval_problems]
-    eval_blocks = shard_blocks(pack_blocks(eval_texts, tokenizer, cfg.train.seq_len), rank, world)
+    train_docs, eval_docs = load_documents(cfg.data, cfg.task)
+    train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
+    eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -114,64 +136,88 @@ def train_loop(loop_config: dict) -> None:
                                 grad_accum=cfg.train.grad_accum, world_size=world, total_steps=cfg.train.steps,
                                 use_gpu=cfg.scaling.use_gpu),
     )
-    micro = cfg.micro_batch_size
-    eval_before = evaluate(engine, eval_blocks, micro)
+    micro, accum = cfg.micro_batch_size, cfg.train.grad_accum
+    state = restore_checkpoint(engine) or {"step": 0, "history": {}, "resumed_from_step": 0,
+                                           "eval_loss_before": evaluate(engine, eval_blocks, micro)}
+    start_step = state["step"]
+    if start_step:
+        state["resumed_from_step"] = start_step
+    tracker = Tracker(loop_config["log_dir"], total_steps=cfg.train.steps, initial_step=start_step,
+                      enabled=rank == 0, description=f"pretrain {cfg.storage.name}")
+    for key, points in state["history"].items():
+        tracker.history[key] = [tuple(p) for p in points]
 
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    order = torch.randperm(len(train_blocks), generator=generator)
-    cursor, tokens, started = 0, 0, time.perf_counter()
-    for step in range(1, cfg.train.steps + 1):
-        for _ in range(cfg.train.grad_accum):
-            if cursor + micro > len(order):  # next epoch, reshuffled
-                order, cursor = torch.randperm(len(train_blocks), generator=generator), 0
-            batch = train_blocks[order[cursor: cursor + micro]].to(engine.device)
-            cursor += micro
+    tokens, started = 0, time.perf_counter()
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        for k in range(accum):
+            batch = batch_at(train_blocks, (step - 1) * accum + k, micro, cfg.data.seed).to(engine.device)
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
             engine.step()
-            tokens += batch.numel()
-        if step % cfg.train.log_every == 0 and step < cfg.train.steps:
-            elapsed = time.perf_counter() - started
-            ray.train.report({"step": step, "loss": _mean_over_workers(loss.item()),
-                              "lr": engine.get_lr()[0], "tokens_per_s": tokens * world / elapsed})
-
-    eval_after = evaluate(engine, eval_blocks, micro)
-    elapsed = time.perf_counter() - started
-    metrics = {"step": cfg.train.steps, "loss": _mean_over_workers(loss.item()), "eval_loss_before": eval_before,
-               "eval_loss": eval_after, "eval_perplexity": math.exp(min(eval_after, 50)),
-               "tokens_per_s": tokens * world / elapsed}
-    report_hf_checkpoint(engine, tokenizer, metrics)
+            tokens += batch.numel() * world
+        tracker.advance(loss=f"{loss.item():.3f}")
+        metrics = {"step": step}
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics |= {"loss": _mean_over_workers(loss.item()), "lr": engine.get_lr()[0],
+                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                        "tokens_per_s": tokens / (time.perf_counter() - started)}
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            eval_loss = evaluate(engine, eval_blocks, micro)
+            metrics |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))}
+        if len(metrics) == 1:
+            continue
+        tracker.log(step, {k: v for k, v in metrics.items() if k != "step"})
+        if "eval_loss" not in metrics:
+            ray.train.report(metrics)
+            continue
+        state.update(step=step, history=tracker.history)
+        first_attempt = state["resumed_from_step"] == 0
+        delay = 30.0 if first_attempt and step == cfg.train.fault_delay_checkpoint_step else 0.0
+        summary = {k: state[k] for k in ("eval_loss_before", "resumed_from_step")}
+        if step == cfg.train.steps and rank == 0:
+            plot_curves(tracker.history, ["loss", "eval_loss"], f"{loop_config['log_dir']}/loss.png",
+                        title=f"pretrain {cfg.storage.name}")
+        save_checkpoint(engine, tokenizer, metrics | summary, state, delay_s=delay)
+    tracker.close()
 
 
 def prepare_model(cfg: PretrainConfig) -> str:
-    """The starting HF folder: a local one as given, or a preset built (once per run) under the run folder."""
+    """The starting HF folder: a local one as given, or a preset built once per run, its tokenizer trained on the
+    training documents. (On a multi-node cluster the run folder must be shared storage for workers to read it.)"""
     from pathlib import Path
 
+    from rayloop.data import load_documents
     from rayloop.models import PRESETS, create_model_folder
-    from rayloop.tasks import ArithmeticTask
 
     if cfg.model.name_or_path not in PRESETS:
         return cfg.model.name_or_path
-    folder = Path(cfg.storage.run_dir()) / "base_model"
+    folder = Path(cfg.storage.local_dir("base_model"))
     if not (folder / "config.json").is_file():
-        create_model_folder(cfg.model.name_or_path, ArithmeticTask(cfg.task).pretrain_corpus(), folder,
+        create_model_folder(cfg.model.name_or_path, load_documents(cfg.data, cfg.task)[0], folder,
                             vocab_size=cfg.model.vocab_size, seed=cfg.model.seed)
     return str(folder)
 
 
 def main(cfg: PretrainConfig) -> dict:
-    """Train; return the final metrics and the path of the final HF folder."""
+    """Train (or resume the run of the same name); return the final metrics and the final HF folder's path."""
+    import shutil
+
     from rayloop.cluster import init_ray
     from rayloop.train import make_trainer
 
     model_dir = prepare_model(cfg)
+    log_dir = cfg.storage.local_dir("tensorboard")
     init_ray(cfg.ray)
-    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": model_dir},
-                           scaling=cfg.scaling, storage=cfg.storage)
+    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": model_dir, "log_dir": log_dir},
+                           scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
+                           num_to_keep=cfg.train.keep_checkpoints)
     result = trainer.fit()
     summary = {**result.metrics, "model_dir": f"{result.checkpoint.path}/hf"}
-    print(f"pretrain: eval loss {summary['eval_loss_before']:.3f} -> {summary['eval_loss']:.3f}, "
-          f"{summary['tokens_per_s']:.0f} tokens/s, model at {summary['model_dir']}")
+    if "://" not in result.checkpoint.path and os.path.exists(f"{log_dir}/loss.png"):
+        shutil.copy(f"{log_dir}/loss.png", f"{result.checkpoint.path}/loss.png")  # beside the final checkpoint
+    resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
+    print(f"pretrain: step {summary['step']}{resumed}, eval loss {summary['eval_loss_before']:.3f} -> "
+          f"{summary['eval_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s, model at {summary['model_dir']}")
     return summary
 
 

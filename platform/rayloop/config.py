@@ -78,6 +78,30 @@ class TaskSection(Section):
     """Seed: the same seed gives the same problems, in the same order."""
 
 
+class DataSection(Section):
+    source: Literal["task", "text", "hf"] = "task"
+    """`task`: the arithmetic task's corpus and held-out set; `text`: a .txt file or a folder of them (one document
+    per non-empty line); `hf`: a local HF dataset folder (`datasets.save_to_disk`)."""
+    path: str | None = None
+    """File or folder for `text` and `hf` (on a cluster: a path every node can read)."""
+    text_field: str = "text"
+    """Column holding the text, for `hf`."""
+    eval_fraction: float = Field(default=0.05, gt=0, lt=1)
+    """Share of documents held out for eval loss, for `text` and `hf` (chosen by the seed)."""
+    seed: int = 0
+    """Seed of the held-out choice and of the data order."""
+
+    @model_validator(mode="after")
+    def _path_exists(self):
+        if self.source == "task":
+            return self
+        if self.path is None:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        if not Path(self.path).expanduser().exists():
+            raise ValueError(f"data.path: no such file or folder {self.path!r}")
+        return self
+
+
 class ScalingSection(Section):
     num_workers: int = Field(default=2, ge=1)
     """Ray Train workers (one process each; one GPU each when use_gpu)."""
@@ -123,6 +147,12 @@ class StorageSection(Section):
         if "://" in self.path:
             return f"{self.path.rstrip('/')}/{self.name}"
         return str(Path(self.path).expanduser().resolve() / self.name)
+
+    def local_dir(self, sub: str) -> str:
+        """A folder of this run on local disk: under the run folder, or ~/rayloop-runs/<name> when storage is
+        remote (TensorBoard writes event files locally)."""
+        base = Path("~/rayloop-runs").expanduser() / self.name if "://" in self.path else Path(self.run_dir())
+        return str(base / sub)
 
 
 class GenerateSection(Section):

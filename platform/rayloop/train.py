@@ -3,14 +3,16 @@
 Driver side: `make_trainer` turns the shared config sections into a `TorchTrainer` (ScalingConfig, RunConfig with
 FailureConfig and CheckpointConfig). Worker side: `deepspeed_config` writes DeepSpeed's own config dict from the
 sections (anything else passes through `deepspeed.overrides`), `shard_blocks` gives each worker its slice of the
-data, and `report_hf_checkpoint` gathers the weights (ZeRO-3 included) into an HF folder and hands it to
-`ray.train.report`.
+data, `save_checkpoint` hands `ray.train.report` an HF folder (ZeRO-3 weights gathered) plus the DeepSpeed state for
+exact resume, and `restore_checkpoint` loads it back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from typing import Any, Callable
 
 from rayloop.config import DeepSpeedSection, OptimSection, ScalingSection, StorageSection
@@ -116,23 +118,40 @@ def gathered_state_dict(engine) -> dict | None:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
 
 
-def report_hf_checkpoint(engine, tokenizer, metrics: dict[str, Any], extra: Callable[[str], None] | None = None):
-    """ray.train.report(metrics) with an HF folder (`hf/`) written by rank 0 as the checkpoint.
+def save_checkpoint(engine, tokenizer, metrics: dict[str, Any], state: dict[str, Any], *,
+                    delay_s: float = 0.0) -> None:
+    """One Ray Train checkpoint from every rank: `hf/` (gathered weights, rank 0), `deepspeed/` (each rank's
+    engine, optimizer and scheduler shards) and `trainer_state.json` (step, data position, metric history).
 
-    `extra(dir)` lets a job add its own resume state to the same checkpoint directory. Every rank must call this.
+    Every rank must call this. Ray Train merges the ranks' directories in storage and registers the checkpoint only
+    once all have reported, so a worker that dies half-way leaves the previous checkpoint the latest one.
+    `delay_s` (tests only) holds ranks other than 0 back before they report, to kill one mid-checkpoint.
     """
     import ray.train
     import torch.distributed as dist
 
-    state = gathered_state_dict(engine)
-    if dist.get_rank() != 0:
-        ray.train.report(metrics)
-        return
+    state_dict = gathered_state_dict(engine)
     with tempfile.TemporaryDirectory() as tmp:
-        module = engine.module
-        hf_dir = os.path.join(tmp, "hf")
-        module.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(hf_dir)
-        if extra is not None:
-            extra(tmp)
+        engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state")
+        if dist.get_rank() == 0:
+            hf_dir = os.path.join(tmp, "hf")
+            engine.module.save_pretrained(hf_dir, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(hf_dir)
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f)
+        elif delay_s:
+            time.sleep(delay_s)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore_checkpoint(engine) -> dict[str, Any] | None:
+    """Load the latest Ray Train checkpoint into the engine (exact resume) and return its trainer state."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            return json.load(f)

@@ -1,5 +1,6 @@
 """`ray job submit --working-dir .` runs the submitted checkout, edits included, on the driver and on workers,
-against a head started on loopback with Ray's token authentication on."""
+against a head started on loopback with Ray's token authentication on; then the pretraining job, through the same
+job API, succeeds."""
 
 import os
 import shutil
@@ -84,6 +85,18 @@ def test_submitted_job_runs_the_edited_checkout(tmp_path):
         assert submit.returncode == 0, output[-3000:]
         assert "succeeded" in output, output[-3000:]
         assert f"driver {marker} {marker} worker {marker} {marker}" in output, output[-3000:]
+
+        # The real pretraining job through the same job API: 2 Ray Train workers, DeepSpeed ZeRO-2.
+        submit = subprocess.run(
+            [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
+             "python", "-m", "jobs.pretrain", "--config", "jobs/configs/pretrain_tiny.yaml", "--train.steps=6",
+             "--train.checkpoint_every=3", "--task.num_train=500", "--task.num_eval=20",
+             f"--storage.path={tmp_path / 'runs'}"],
+            cwd=checkout, env=env, capture_output=True, text=True, timeout=400)
+        output = submit.stdout + submit.stderr
+        assert submit.returncode == 0 and "succeeded" in output, output[-3000:]
+        assert "pretrain: step 6" in output, output[-3000:]
+        assert len(list((tmp_path / "runs" / "pretrain-tiny").glob("checkpoint_*/hf/model.safetensors"))) == 2
     finally:
         head.terminate()
         try:

@@ -73,3 +73,12 @@ def test_help_lists_every_field_with_its_description():
     assert proc.returncode == 0
     assert "--deepspeed.zero_stage  (default 2)  ZeRO stage" in proc.stdout
     assert "--optim.lr" in proc.stdout
+
+
+def test_data_path_must_exist_for_file_sources(tmp_path):
+    with pytest.raises(ConfigError, match="data.path: no such file"):
+        load_config(PretrainConfig, ["--data.source=text", f"--data.path={tmp_path}/missing.txt"])
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config(PretrainConfig, ["--data.source=hf"])
+    with pytest.raises(ConfigError, match="offload_param needs"):
+        load_config(PretrainConfig, ["--deepspeed.offload_param=true"])

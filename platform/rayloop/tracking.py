@@ -1,0 +1,74 @@
+"""What a person watches during and after a run: TensorBoard event files, a progress bar, PNG curves.
+
+Only rank 0 tracks; other ranks get a `Tracker(enabled=False)` whose calls do nothing, so loops need no `if rank == 0`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+
+class Tracker:
+    def __init__(self, log_dir: str | None, *, total_steps: int, initial_step: int = 0, enabled: bool = True,
+                 description: str = "train"):
+        self.enabled = enabled
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._writer = self._bar = None
+        if not enabled:
+            return
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self._writer = SummaryWriter(log_dir)
+        # Ray's tqdm shows one live bar on the driver instead of a stream of worker log lines.
+        from ray.experimental.tqdm_ray import tqdm
+
+        self._description = description
+        self._bar = tqdm(total=total_steps, desc=description, position=0)
+        self._bar.update(initial_step)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            self.history[key].append((step, float(value)))
+            if self._writer is not None:
+                self._writer.add_scalar(key, value, step)
+
+    def advance(self, steps: int = 1, **status) -> None:
+        if self._bar is not None:
+            if status:  # Ray's tqdm has no set_postfix
+                self._bar.set_description(" ".join([self._description, *(f"{k}={v}" for k, v in status.items())]))
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def plot_curves(history: dict[str, list[tuple[int, float]]], keys: list[str], path: str, title: str = "") -> str | None:
+    """One PNG with a line per key (those present), step on x. Returns the path, or None if nothing to draw."""
+    series = {k: history[k] for k in keys if history.get(k)}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, points in series.items():
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) < 20 else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
