@@ -1,0 +1,20 @@
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+from rayloop.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_example_config_opens_with_its_command_and_validates(path):
+    first_line = path.read_text().splitlines()[0]
+    match = re.search(r"python -m jobs\.(\w+) --config (\S+)", first_line)
+    assert match, f"{path.name} must open with the command that runs it, got {first_line!r}"
+    assert match.group(2) == f"jobs/configs/{path.name}"
+    job = importlib.import_module(f"jobs.{match.group(1)}")
+    config_class = next(v for k, v in vars(job).items() if k.endswith("Config") and v.__module__ == job.__name__)
+    load_config(config_class, ["--config", str(path)])
