@@ -3,6 +3,7 @@ against a head started on loopback with Ray's token authentication on; then the 
 job API, succeeds."""
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -63,9 +64,13 @@ def test_submitted_job_runs_the_edited_checkout(tmp_path):
 
     dashboard_port = _free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
-    # Clients of a token-authenticated cluster say so (README); the token is Ray's default file, ~/.ray/auth_token.
+    # Clients of a token-authenticated cluster say so (README). `ray start` does not create a missing token, so the
+    # test brings its own, as an operator does (cluster.yaml too), rather than rely on ~/.ray/auth_token existing.
+    token_file = tmp_path / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
     # The venv's bin first, as after `source .venv/bin/activate`: the head runs the entrypoint's `python` from PATH.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     # Its own temp dir (short: Ray's socket paths have a length limit), so the head's ray_current_cluster file never
     # outlives it where other Ray processes on this machine would look for a cluster to join.
     temp_dir = tempfile.mkdtemp(prefix="rl-", dir="/tmp")
