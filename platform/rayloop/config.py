@@ -203,10 +203,16 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 def _describe(error: ValidationError) -> str:
     parts = []
     for err in error.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        field = ".".join(str(p) for p in err["loc"])
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown key"
+        elif err["type"] == "value_error":
+            # Our validators' own words; section-level ones already start with the field(s) they are about.
+            message = str(err["ctx"]["error"])
+            if not field or message.startswith(field):
+                parts.append(message)
+                continue
         elif "input" in err and not isinstance(err["input"], dict | list):
             message += f" (got {err['input']!r})"
         parts.append(f"{field}: {message}")
