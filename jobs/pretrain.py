@@ -143,9 +143,7 @@ def train_loop(loop_config: dict) -> None:
     if start_step:
         state["resumed_from_step"] = start_step
     tracker = Tracker(loop_config["log_dir"], total_steps=cfg.train.steps, initial_step=start_step,
-                      enabled=rank == 0, description=f"pretrain {cfg.storage.name}")
-    for key, points in state["history"].items():
-        tracker.history[key] = [tuple(p) for p in points]
+                      history=state["history"], enabled=rank == 0, description=f"pretrain {cfg.storage.name}")
 
     tokens, started = 0, time.perf_counter()
     for step in range(start_step + 1, cfg.train.steps + 1):
@@ -155,9 +153,10 @@ def train_loop(loop_config: dict) -> None:
             engine.backward(loss)
             engine.step()
             tokens += batch.numel() * world
-        tracker.advance(loss=f"{loss.item():.3f}")
+        tracker.advance()
         metrics = {"step": step}
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            # The only host sync of the loss: on a GPU, an .item() every step would stall the pipeline.
             metrics |= {"loss": _mean_over_workers(loss.item()), "lr": engine.get_lr()[0],
                         "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                         "tokens_per_s": tokens / (time.perf_counter() - started)}

@@ -10,10 +10,13 @@ from collections import defaultdict
 
 
 class Tracker:
-    def __init__(self, log_dir: str | None, *, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 description: str = "train"):
+    def __init__(self, log_dir: str | None, *, total_steps: int, initial_step: int = 0,
+                 history: dict[str, list] | None = None, enabled: bool = True, description: str = "train"):
+        """`history`: the metric history of a resumed run (as saved in its checkpoint), continued from there."""
         self.enabled = enabled
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        if enabled:
+            self.history.update({k: [tuple(p) for p in points] for k, points in (history or {}).items()})
         self._writer = self._bar = None
         if not enabled:
             return
@@ -30,17 +33,18 @@ class Tracker:
         self._bar.update(initial_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record metrics (history, TensorBoard) and show the loss, when present, on the bar."""
         if not self.enabled:
             return
         for key, value in metrics.items():
             self.history[key].append((step, float(value)))
             if self._writer is not None:
                 self._writer.add_scalar(key, value, step)
+        if "loss" in metrics:  # Ray's tqdm has no set_postfix
+            self._bar.set_description(f"{self._description} loss={metrics['loss']:.3f}")
 
-    def advance(self, steps: int = 1, **status) -> None:
+    def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
-            if status:  # Ray's tqdm has no set_postfix
-                self._bar.set_description(" ".join([self._description, *(f"{k}={v}" for k, v in status.items())]))
             self._bar.update(steps)
 
     def close(self) -> None:
