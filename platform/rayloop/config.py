@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 C = TypeVar("C", bound="Section")
 
@@ -63,6 +63,21 @@ class ModelSection(Section):
                 f"{value!r} is neither a preset ({', '.join(PRESETS)}) nor a local HF folder with config.json"
             )
         return str(path.resolve())
+
+
+class StartModelSection(Section):
+    name_or_path: str
+    """The model to post-train: a local HF folder, a checkpoint of any rayloop job, or a run folder (its newest
+    checkpoint), e.g. `~/rayloop-runs/sft-tiny`."""
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _resolves(cls, value: str, info: ValidationInfo) -> str:
+        if (info.context or {}).get("model_from_previous_stage"):
+            return value  # a pipeline stage: the previous stage writes it
+        from rayloop.models import resolve_model_folder
+
+        return resolve_model_folder(value)
 
 
 class TaskSection(Section):
@@ -207,6 +222,8 @@ def _describe(error: ValidationError) -> str:
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required, and missing"
         elif err["type"] == "value_error":
             # Our validators' own words; section-level ones already start with the field(s) they are about.
             message = str(err["ctx"]["error"])
@@ -239,8 +256,10 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     return config_path, overrides
 
 
-def load_config(cls: type[C], argv: list[str] | None = None, *, path: str | None = None) -> C:
-    """Build a `cls` from an optional YAML file and dotted overrides; raise ConfigError naming the field."""
+def load_config(cls: type[C], argv: list[str] | None = None, *, path: str | None = None,
+                context: dict | None = None) -> C:
+    """Build a `cls` from an optional YAML file and dotted overrides; raise ConfigError naming the field.
+    `context` reaches the validators (a pipeline marks models that an earlier stage has yet to write)."""
     config_path, overrides = parse_args(list(argv or []))
     config_path = config_path or path
     data: dict[str, Any] = {}
@@ -258,7 +277,7 @@ def load_config(cls: type[C], argv: list[str] | None = None, *, path: str | None
     for dotted, value in overrides.items():
         _set_dotted(data, dotted, value)
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
 

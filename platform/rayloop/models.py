@@ -131,3 +131,19 @@ def load_model(path: str | os.PathLike, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model, tokenizer
+
+
+def resolve_model_folder(path: str | os.PathLike) -> str:
+    """The HF folder behind `path`: the folder itself, a Ray Train checkpoint of a rayloop job (its `hf/` or TRL's
+    `checkpoint/`), or a run folder (its newest checkpoint). Raises ValueError saying what was looked for."""
+    root = Path(path).expanduser().resolve()
+    for candidate in (root, root / "hf", root / "checkpoint"):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    # Ray Train names checkpoints checkpoint_<timestamp>: the name order is the time order.
+    for checkpoint in sorted(root.glob("checkpoint_*"), reverse=True):
+        for candidate in (checkpoint / "hf", checkpoint / "checkpoint"):
+            if (candidate / "config.json").is_file():
+                return str(candidate)
+    raise ValueError(f"no model at {str(path)!r}: expected an HF folder (config.json), a checkpoint holding hf/ or "
+                     f"checkpoint/, or a run folder with checkpoint_* folders")

@@ -115,6 +115,15 @@ class ArithmeticTask:
             {"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng)} for p in self.train_problems
         ]
 
+    def train_examples(self) -> list[dict]:
+        """Training prompts and their answers (TRL passes `answer` to reward functions)."""
+        return [{"prompt": p.prompt, "answer": p.answer} for p in self.train_problems]
+
+    def eval_preference_pairs(self) -> list[dict]:
+        """Preference triples on the held-out problems."""
+        rng = random.Random(self.cfg.seed + 2)
+        return [{"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng)} for p in self.eval_problems]
+
     def eval_examples(self) -> list[dict]:
         """Held-out prompts and their answers."""
         return [{"prompt": p.prompt, "answer": p.answer} for p in self.eval_problems]

@@ -33,9 +33,7 @@ def use_bf16(ds: DeepSpeedSection, use_gpu: bool) -> bool:
     return use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_size: int, grad_accum: int,
-                     world_size: int, total_steps: int, use_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed's config dict, in DeepSpeed's own keys: ZeRO, offload, precision, AdamW, warm-up + cosine LR."""
+def zero_section(ds: DeepSpeedSection, use_gpu: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -44,12 +42,38 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_s
     if ds.zero_stage == 3:
         # Gather full weights on save so the HF folder is ordinary, not sharded.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return zero
+
+
+def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool) -> dict[str, Any]:
+    """The same DeepSpeed settings for a transformers/TRL Trainer: sizes, LR and precision left `auto`, so the
+    Trainer fills them from its arguments (it rejects a DeepSpeed config that disagrees with them)."""
+    config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero_section(ds, use_gpu),
+        "bf16": {"enabled": "auto"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto", "torch_adam": not use_gpu},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, ds.overrides)
+
+
+def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_size: int, grad_accum: int,
+                     world_size: int, total_steps: int, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's config dict, in DeepSpeed's own keys: ZeRO, offload, precision, AdamW, warm-up + cosine LR."""
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * world_size,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": zero,
+        "zero_optimization": zero_section(ds, use_gpu),
         "bf16": {"enabled": use_bf16(ds, use_gpu)},
         "optimizer": {
             "type": "AdamW",

@@ -11,3 +11,37 @@ def ray_cluster():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+# Post-training starts from a trained model: one pretraining run and one SFT run on the tiny task, shared by the
+# post-training tests (the tiny pipeline's own configs, with a smaller held-out split).
+POSTTRAIN_TASK = ['--task.ops=["+"]', "--task.num_train=4000", "--task.num_eval=300"]
+
+
+@pytest.fixture(scope="session")
+def posttrain_runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("posttrain-runs")
+
+
+def posttrain_config(cls, config_file: str, runs, *overrides):
+    from rayloop.config import load_config
+
+    return load_config(cls, ["--config", f"jobs/configs/{config_file}", f"--storage.path={runs}", *POSTTRAIN_TASK,
+                             *overrides])
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(ray_cluster, posttrain_runs) -> str:
+    from jobs import pretrain
+
+    cfg = posttrain_config(pretrain.PretrainConfig, "pretrain_tiny.yaml", posttrain_runs, "--train.steps=300")
+    return pretrain.main(cfg)["model_dir"]
+
+
+@pytest.fixture(scope="session")
+def sft_result(pretrained_model, posttrain_runs) -> dict:
+    from jobs import sft
+
+    cfg = posttrain_config(sft.SFTJobConfig, "sft_tiny.yaml", posttrain_runs, f"--model.name_or_path={pretrained_model}",
+                           "--train.steps=800", "--train.checkpoint_every=400")
+    return sft.main(cfg)

@@ -1,5 +1,5 @@
 """`ray job submit --working-dir .` runs the submitted checkout, edits included, on the driver and on workers,
-against a head started on loopback with Ray's token authentication on; then the pretraining job, through the same
+against a head started on loopback with Ray's token authentication on; then every training job, through the same
 job API, succeeds."""
 
 import os
@@ -102,6 +102,31 @@ def test_submitted_job_runs_the_edited_checkout(tmp_path):
         assert submit.returncode == 0 and "succeeded" in output, output[-3000:]
         assert "pretrain: step 6" in output, output[-3000:]
         assert len(list((tmp_path / "runs" / "pretrain-tiny").glob("checkpoint_*/hf/model.safetensors"))) == 2
+
+        # Every post-training job through the job API, each starting from the previous run's folder; GRPO combines
+        # the exact-match, format and learned rewards; RLOO is the GRPO job with another algorithm.
+        runs = tmp_path / "runs"
+        common = ["--train.steps=4", "--train.checkpoint_every=2", "--train.eval_samples=8", "--task.num_train=500",
+                  "--task.num_eval=20", f"--storage.path={runs}"]
+        jobs = [
+            ("sft", [f"--model.name_or_path={runs / 'pretrain-tiny'}"]),
+            ("reward", [f"--model.name_or_path={runs / 'sft-tiny'}"]),
+            ("dpo", [f"--model.name_or_path={runs / 'sft-tiny'}"]),
+            ("grpo", [f"--model.name_or_path={runs / 'sft-tiny'}", "--train.per_device_batch_size=8",
+                      f"--rewards=[{{name: exact_match}}, {{name: format, weight: 0.2}}, "
+                      f"{{name: reward_model, path: {runs / 'reward-tiny'}, weight: 0.5}}]"]),
+            ("grpo", [f"--model.name_or_path={runs / 'sft-tiny'}", "--train.per_device_batch_size=8",
+                      "--algorithm=rloo", "--storage.name=rloo-tiny"]),
+        ]
+        for job, overrides in jobs:
+            submit = subprocess.run(
+                [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", "--", "python", "-m",
+                 f"jobs.{job}", "--config", f"jobs/configs/{job}_tiny.yaml", *common, *overrides],
+                cwd=checkout, env=env, capture_output=True, text=True, timeout=400)
+            output = submit.stdout + submit.stderr
+            assert submit.returncode == 0 and "succeeded" in output, f"{job} {overrides}: {output[-3000:]}"
+        for run in ("sft-tiny", "reward-tiny", "dpo-tiny", "grpo-tiny", "rloo-tiny"):
+            assert len(list((runs / run).glob("checkpoint_*/checkpoint/model.safetensors"))) == 2, run
     finally:
         head.terminate()
         try:

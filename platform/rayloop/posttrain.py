@@ -1,0 +1,370 @@
+"""TRL trainers inside Ray Train workers: what every post-training job (sft, reward, dpo, grpo) shares.
+
+A job file supplies its config class and `build_trainer(cfg, model_dir, args)`, which returns a TRL trainer made
+from `args` (the common TrainingArguments keywords, below) plus its own. `fit` runs it on a TorchTrainer:
+
+- each worker builds the trainer and trains; DeepSpeed ZeRO comes from the same `deepspeed` section as
+  pretraining (TrainingArguments(deepspeed=...)), with sizes/LR left `auto` for the Trainer to fill;
+- every `train.checkpoint_every` steps the Trainer writes its checkpoint (HF model + tokenizer + optimizer,
+  scheduler, RNG and DeepSpeed state) and Ray's own `RayTrainReportCallback` hands it to `ray.train.report`;
+  each worker writes to its own local folder and Ray Train merges them, so no two ranks copy the same file;
+- a restarted worker group (FailureConfig) or a rerun of the same run name resumes with
+  `trainer.train(resume_from_checkpoint=...)` from `ray.train.get_checkpoint()`;
+- TensorBoard gets TRL's metrics (loss, reward mean/std, KL, completion length, ...) plus held-out exact-match
+  accuracy at each checkpoint; rank 0 draws the job's curves as a PNG at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Literal
+
+from pydantic import Field, model_validator
+
+from rayloop.config import (DeepSpeedSection, JobConfig, OptimSection, ScalingSection, Section, StartModelSection,
+                            TaskSection)
+
+log = logging.getLogger(__name__)
+
+
+class PostTrainSection(Section):
+    steps: int = Field(default=100, ge=1)
+    """Optimizer steps."""
+    per_device_batch_size: int = Field(default=8, ge=1)
+    """Examples per worker per micro batch (for GRPO: completions, i.e. prompts x num_generations)."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro batches accumulated per optimizer step."""
+    log_every: int = Field(default=5, ge=1)
+    """Log TRL's metrics (TensorBoard) every this many steps."""
+    checkpoint_every: int = Field(default=50, ge=1)
+    """Checkpoint (and held-out accuracy) every this many steps, and at the last step."""
+    keep_checkpoints: int | None = Field(default=2, ge=1)
+    """Checkpoints kept in storage, newest first (None: all)."""
+    max_failures: int = Field(default=1, ge=-1)
+    """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
+    eval_samples: int = Field(default=64, ge=0)
+    """Held-out problems whose greedy exact-match accuracy is logged at each checkpoint (0: none)."""
+    max_length: int = Field(default=128, ge=8)
+    """Longest tokenized example (prompt + completion) the trainer keeps."""
+    seed: int = 0
+    """Seed of the data order, sampling and dropout."""
+    fault_pause_step: int | None = None
+    """Test hook: on a run's first attempt every worker sleeps 30 s after this step, so a test can kill one."""
+
+
+class PostTrainConfig(JobConfig):
+    """Shared shape of the post-training jobs; each adds its own section."""
+
+    job_name = "posttrain"
+    model: StartModelSection
+    task: TaskSection = TaskSection()
+    scaling: ScalingSection = ScalingSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    optim: OptimSection = OptimSection(lr=1e-4, warmup_steps=0)
+    train: PostTrainSection = PostTrainSection()
+
+    @model_validator(mode="after")
+    def _deepspeed_combinations(self):
+        if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage 3")
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.per_device_batch_size * self.scaling.num_workers * self.train.grad_accum
+
+
+class RolloutSection(Section):
+    """How online methods (GRPO, RLOO) generate their completions."""
+
+    engine: Literal["vllm", "trainer"] = "vllm"
+    """`vllm`: vLLM rollouts (TRL's use_vllm); `trainer`: the trainer's own `generate` (slower; the baseline)."""
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    """`colocate`: a vLLM engine inside each training worker (CPU or GPU); `server`: TRL's `trl vllm-serve` at
+    `server_base_url` (GPU: its weight sync is NCCL)."""
+    server_base_url: str | None = None
+    """URL of the `trl vllm-serve` server, for vllm_mode=server."""
+    num_generations: int = Field(default=8, ge=2)
+    """Completions sampled per prompt (the group whose rewards are compared)."""
+    max_completion_length: int = Field(default=8, ge=1)
+    """New tokens per completion."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature of the rollouts."""
+    gpu_memory_utilization: float = Field(default=0.1, gt=0, le=1)
+    """vLLM's memory share per colocated engine; on CPU a share of the NUMA node's memory (STACK.md trap 2)."""
+    max_model_len: int = Field(default=128, ge=16)
+    """Context length the colocated engine reserves KV cache for."""
+    enforce_eager: bool = True
+    """Skip vLLM's graph capture and compilation: starts in seconds; set false on GPUs for long runs."""
+
+    @model_validator(mode="after")
+    def _server_needs_url(self):
+        if self.engine == "vllm" and self.vllm_mode == "server" and not self.server_base_url:
+            raise ValueError("rollout.server_base_url is required for rollout.vllm_mode=server")
+        return self
+
+
+def training_arguments(cfg: PostTrainConfig, output_dir: str, *, bf16: bool) -> dict[str, Any]:
+    """Keywords every TRL config class (SFTConfig, DPOConfig, ...) takes, from the shared sections."""
+    from rayloop.train import hf_deepspeed_config
+
+    t, o = cfg.train, cfg.optim
+    return dict(
+        output_dir=output_dir,
+        max_steps=t.steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_steps,
+        lr_scheduler_type="cosine",
+        max_grad_norm=o.grad_clip,
+        logging_steps=t.log_every,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every,
+        save_total_limit=1,  # local copies only; storage keeps train.keep_checkpoints
+        report_to=["tensorboard"],
+        bf16=bf16,  # TRL's configs default to bf16, which CPUs train slowly and DeepSpeed must agree with
+        use_cpu=not cfg.scaling.use_gpu,
+        deepspeed=hf_deepspeed_config(cfg.deepspeed, use_gpu=cfg.scaling.use_gpu),
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM rollouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def online_generation_arguments(rollout: RolloutSection, *, bf16: bool) -> dict[str, Any]:
+    """GRPOConfig/RLOOConfig keywords for the rollouts; falls back to the trainer's generate, loudly, without vLLM."""
+    use_vllm = rollout.engine == "vllm"
+    if use_vllm and not vllm_available():
+        warnings.warn("rollout.engine=vllm but vLLM is not installed on this worker: falling back to the trainer's "
+                      "own generation, which is several times slower. Install rayloop[cpu] or rayloop[gpu].",
+                      stacklevel=2)
+        use_vllm = False
+    args = dict(num_generations=rollout.num_generations, max_completion_length=rollout.max_completion_length,
+                temperature=rollout.temperature, use_vllm=use_vllm)
+    if use_vllm:
+        args |= dict(vllm_mode=rollout.vllm_mode, vllm_gpu_memory_utilization=rollout.gpu_memory_utilization,
+                     vllm_max_model_length=rollout.max_model_len)
+        if rollout.vllm_mode == "server":
+            args["vllm_server_base_url"] = rollout.server_base_url
+    return args
+
+
+@contextmanager
+def colocated_vllm_options(rollout: RolloutSection, *, bf16: bool):
+    """While a TRL trainer is being built, give its colocated `vllm.LLM` the options TRL does not expose.
+
+    Written here because TRL's VLLMGeneration builds the engine itself with a fixed set of arguments: without
+    enforce_eager vLLM compiles the model first (3x the start-up on CPU), and without a dtype vLLM-CPU loads an fp32
+    model as bf16, so rollouts and the trainer would disagree on every log-probability.
+    """
+    import functools
+
+    import trl.generation.vllm_generation as vllm_generation
+
+    original = vllm_generation.LLM
+    vllm_generation.LLM = functools.partial(original, enforce_eager=rollout.enforce_eager,
+                                            dtype="bfloat16" if bf16 else "float32")
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = original
+
+
+def reload_weights_into_vllm(generation) -> None:
+    """Weight sync for a colocated vLLM-CPU engine: vLLM's own in-place `reload_weights`.
+
+    TRL's colocate sync calls the vLLM model's `load_weights` directly, which fails on vLLM-CPU (STACK.md trap 4:
+    its CPU layers repack weights after loading and drop `weight_loader`). `reload_weights` restores the checkpoint
+    layout, loads, and repacks again. The engine lives in this process (TRL's external_launcher), so tensors pass
+    as they are. TRL's `_iter_named_params` still does the gathering (ZeRO-3, PEFT merge); each tensor is copied
+    because a gathered ZeRO-3 parameter is freed when the iterator moves on.
+    """
+    weights = [(name, tensor.detach().clone()) for name, tensor in generation._iter_named_params()]
+    generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                            "is_checkpoint_format": True})
+    generation.llm.reset_prefix_cache()
+
+
+def use_cpu_weight_sync(trainer) -> None:
+    """Route a colocated vLLM-CPU trainer's weight sync through `reload_weights_into_vllm` (GPUs keep TRL's)."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None or generation.mode != "colocate":
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        generation.sync_weights = lambda: reload_weights_into_vllm(generation)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool):
+    from transformers import TrainerCallback
+
+    class HeldOutAccuracy(TrainerCallback):
+        """Greedy exact-match accuracy on held-out problems at every checkpoint step, every rank generating its
+        share (so ZeRO-3's gathered generation works). It goes to TensorBoard and into the Trainer's log history,
+        which RayTrainReportCallback reports with the checkpoint."""
+
+        def __init__(self):
+            from rayloop.tasks import ArithmeticTask
+
+            # The same count on every rank: under ZeRO-3 each forward is a collective.
+            count = cfg.train.eval_samples // cfg.scaling.num_workers * cfg.scaling.num_workers
+            self.examples = ArithmeticTask(cfg.task).eval_examples()[:count]
+            self.writer = None
+
+        def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+            if not hasattr(_unwrap(model), "generate"):
+                return  # a reward model scores, it does not answer
+            if not self.examples or not (state.global_step % cfg.train.checkpoint_every == 0
+                                         or state.global_step >= state.max_steps):
+                return
+            import torch.distributed as dist
+
+            from rayloop.evaluate import greedy_completions
+            from rayloop.tasks import score
+
+            rank, world = dist.get_rank(), dist.get_world_size()
+            mine = self.examples[rank::world]
+            completions = greedy_completions(_unwrap(model), processing_class, [e["prompt"] for e in mine], 8,
+                                             synced_gpus=cfg.deepspeed.zero_stage == 3)
+            scores = [score(c, e["answer"]) for c, e in zip(completions, mine)]
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, scores)
+            accuracy = sum(sum(g) for g in gathered) / len(self.examples)
+            _unwrap(model).train()
+            state.log_history.append({"eval_exact_match": accuracy, "step": state.global_step})
+            if state.is_world_process_zero:
+                if self.writer is None:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(log_dir)
+                self.writer.add_scalar("eval/exact_match", accuracy, state.global_step)
+                self.writer.flush()
+
+    class RunInfo(TrainerCallback):
+        """Where this attempt started, wall seconds per optimizer step (rollouts included), the fault hook."""
+
+        def __init__(self):
+            self.step_seconds: list[float] = []
+            self.step_started = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # The Trainer has restored its state by now: global_step is where this attempt starts.
+            state.log_history.append({"resumed_from_step": state.global_step, "step": state.global_step})
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_seconds.append(time.perf_counter() - self.step_started)
+            if not resumed and state.global_step == cfg.train.fault_pause_step:
+                time.sleep(30)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # `logs` is the entry just appended to the log history, which RayTrainReportCallback reports.
+            if logs is not None and self.step_seconds and "loss" in logs:
+                logs["step_seconds"] = sum(self.step_seconds) / len(self.step_seconds)
+                self.step_seconds = []
+
+    return [HeldOutAccuracy(), RunInfo()]
+
+
+def _unwrap(model):
+    # Generation needs the plain module: DeepSpeed's engine does not forward `generate`.
+    return getattr(model, "module", model)
+
+
+def train_loop(loop_config: dict) -> None:
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    from rayloop.train import use_bf16
+
+    cfg: PostTrainConfig = loop_config["cfg"]
+    rank = ray.train.get_context().get_world_rank()
+    log_dir = loop_config["log_dir"]
+    os.environ["TENSORBOARD_LOGGING_DIR"] = log_dir  # transformers' TensorBoardCallback reads it (rank 0 writes)
+    output_dir = tempfile.mkdtemp(prefix=f"rayloop-{cfg.storage.name}-rank{rank}-")
+    bf16 = use_bf16(cfg.deepspeed, cfg.scaling.use_gpu)
+    args = training_arguments(cfg, output_dir, bf16=bf16)
+    trainer = loop_config["build_trainer"](cfg, loop_config["model_dir"], args)
+    trainer = prepare_trainer(trainer)
+    checkpoint = ray.train.get_checkpoint()
+    for callback in [RayTrainReportCallback(), *_callbacks(cfg, log_dir, resumed=checkpoint is not None)]:
+        trainer.add_callback(callback)
+    if checkpoint is None:
+        trainer.train()
+    else:
+        with checkpoint.as_directory() as folder:
+            trainer.train(resume_from_checkpoint=os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME))
+    if rank == 0:
+        from rayloop.tracking import plot_curves
+
+        history: dict[str, list] = {}
+        for entry in trainer.state.log_history:
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, int | float):
+                    history.setdefault(key, []).append((entry.get("step", 0), value))
+        plot_curves(history, loop_config["plot_keys"], f"{log_dir}/{loop_config['plot_name']}.png",
+                    title=f"{cfg.job_name} {cfg.storage.name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *, plot_keys: list[str],
+        plot_name: str) -> dict[str, Any]:
+    """Run `build_trainer`'s trainer on Ray Train (resuming a run of the same name); return the last reported
+    metrics plus `model_dir`, the final checkpoint's HF folder."""
+    import shutil
+
+    from rayloop.cluster import init_ray
+    from rayloop.train import make_trainer
+
+    log_dir = cfg.storage.local_dir("tensorboard")
+    init_ray(cfg.ray)
+    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": cfg.model.name_or_path, "log_dir": log_dir,
+                                        "build_trainer": build_trainer, "plot_keys": plot_keys,
+                                        "plot_name": plot_name},
+                           scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
+                           num_to_keep=cfg.train.keep_checkpoints)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{cfg.job_name}: the run reported no checkpoint")
+    summary = {**(result.metrics or {}), "checkpoint": result.checkpoint.path,
+               "model_dir": f"{result.checkpoint.path}/checkpoint"}
+    png = f"{log_dir}/{plot_name}.png"
+    if "://" not in result.checkpoint.path and os.path.exists(png):
+        shutil.copy(png, f"{result.checkpoint.path}/{plot_name}.png")
+    return summary
