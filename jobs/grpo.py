@@ -57,7 +57,7 @@ def build_trainer(cfg: GRPOJobConfig, model_dir: str, args: dict):
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if cfg.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
     funcs, weights = reward_funcs(cfg.rewards)
-    online = online_generation_arguments(cfg.rollout, bf16=args["bf16"])
+    online = online_generation_arguments(cfg.rollout)
     dataset = Dataset.from_list(ArithmeticTask(cfg.task).train_examples())
     with colocated_vllm_options(cfg.rollout, bf16=args["bf16"]):
         trainer = trainer_cls(

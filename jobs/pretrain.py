@@ -62,10 +62,6 @@ class PretrainConfig(JobConfig):
                 f"train.global_batch_size ({self.train.global_batch_size}) must be divisible by "
                 f"scaling.num_workers x train.grad_accum ({per_step})"
             )
-        if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
-            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage 3")
-        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
-            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         return self
 
     @property

@@ -138,6 +138,14 @@ class DeepSpeedSection(Section):
     overrides: dict[str, Any] = {}
     """DeepSpeed config keys merged over the generated config, passed through unchanged (DeepSpeed's own names)."""
 
+    @model_validator(mode="after")
+    def _offload_needs_sharding(self):
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        return self
+
 
 class OptimSection(Section):
     lr: float = Field(default=3e-3, gt=0)

@@ -68,14 +68,6 @@ class PostTrainConfig(JobConfig):
     optim: OptimSection = OptimSection(lr=1e-4, warmup_steps=0)
     train: PostTrainSection = PostTrainSection()
 
-    @model_validator(mode="after")
-    def _deepspeed_combinations(self):
-        if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
-            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage 3")
-        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
-            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
-        return self
-
     @property
     def global_batch_size(self) -> int:
         return self.train.per_device_batch_size * self.scaling.num_workers * self.train.grad_accum
@@ -155,7 +147,7 @@ def vllm_available() -> bool:
     return True
 
 
-def online_generation_arguments(rollout: RolloutSection, *, bf16: bool) -> dict[str, Any]:
+def online_generation_arguments(rollout: RolloutSection) -> dict[str, Any]:
     """GRPOConfig/RLOOConfig keywords for the rollouts; falls back to the trainer's generate, loudly, without vLLM."""
     use_vllm = rollout.engine == "vllm"
     if use_vllm and not vllm_available():
