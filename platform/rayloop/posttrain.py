@@ -282,9 +282,11 @@ def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool):
                 time.sleep(30)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            # `logs` is the entry just appended to the log history, which RayTrainReportCallback reports.
+            # RayTrainReportCallback reports the log history, to which the Trainer appended a copy of `logs`:
+            # the figure goes into both (the history for Ray, `logs` for TensorBoard).
             if logs is not None and self.step_seconds and "loss" in logs:
                 logs["step_seconds"] = sum(self.step_seconds) / len(self.step_seconds)
+                state.log_history[-1]["step_seconds"] = logs["step_seconds"]
                 self.step_seconds = []
 
     return [HeldOutAccuracy(), RunInfo()]

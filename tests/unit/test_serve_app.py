@@ -1,0 +1,187 @@
+"""serve/app.py and serve/deploy.py without Ray: configs, the API-key and body-size guard, the LLMConfigs built."""
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayloop.config import ConfigError, load_config
+from serve.app import AuthSection, GuardMiddleware, ModelEntry, ServeAppConfig, key_digest, llm_config, read_api_key
+from serve.deploy import DeployConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("RAYLOOP_API_KEY", "secret")
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "sft-tiny" / "checkpoint_2026-01-01_00-00-00.000000" / "checkpoint"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return tmp_path / "sft-tiny"
+
+
+def test_deploy_shortcut_takes_a_run_folder_and_names_the_model_after_it(model_dir):
+    cfg = load_config(DeployConfig, [f"--model={model_dir}"])
+    assert [m.id for m in cfg.models] == ["sft-tiny"]
+    assert cfg.models[0].path.endswith("checkpoint_2026-01-01_00-00-00.000000/checkpoint")
+    assert cfg.host == "127.0.0.1" and cfg.auth.enabled  # loopback and a key unless said otherwise
+    assert cfg.app_args().models == cfg.models
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], r"models: required, and missing \(or give --model <folder>\)"),
+    (["--model=/nope"], r"models.0.path: no model at '/nope'"),
+    (["--model={m}", "--models.autoscaling.min_replicas=3"], r"model and models"),
+    (["--model={m}", "--accelerator=tpu"], r"accelerator: Input should be 'cpu' or 'gpu'"),
+    (["--model={m}", "--port=0"], r"port: Input should be greater than or equal to 1"),
+    (["--model={m}", "--model_id=a b"], r"models.0.id: String should match pattern"),
+    (["--model={m}", "--auth.enabled=maybe"], r"auth.enabled: Input should be a valid boolean"),
+    (["--model={m}", "--max_request_bytes=10"], r"max_request_bytes: Input should be greater than or equal to 1024"),
+])
+def test_bad_deploy_configs_name_the_field(model_dir, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DeployConfig, [o.format(m=model_dir) for o in overrides])
+
+
+def test_deploy_without_a_key_is_a_config_error_unless_auth_is_off(model_dir, monkeypatch):
+    monkeypatch.delenv("RAYLOOP_API_KEY")
+    with pytest.raises(ConfigError, match=r"^auth: enabled, but no API key is set: export RAYLOOP_API_KEY"):
+        load_config(DeployConfig, [f"--model={model_dir}"])
+    assert not load_config(DeployConfig, [f"--model={model_dir}", "--auth.enabled=false"]).auth.enabled
+
+
+def test_autoscaling_bounds_are_checked(model_dir):
+    with pytest.raises(ConfigError, match=r"models.0.autoscaling: min_replicas \(3\) is above max_replicas \(2\)"):
+        load_config(ServeAppConfig, ["--models", f"[{{id: a, path: '{model_dir}', autoscaling: {{min_replicas: 3}}}}]"])
+
+
+def test_lora_adapters_must_live_in_cloud_storage(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"models.0.lora_path: ray.serve.llm loads LoRA adapters from s3://"):
+        load_config(ServeAppConfig, ["--models", f"[{{id: a, path: '{model_dir}', lora_path: '{tmp_path}'}}]"])
+    entry = ModelEntry(id="a", path=str(model_dir), lora_path="s3://bucket/adapters/", max_loras=3)
+    cfg = llm_config(entry, "cpu")
+    assert cfg.lora_config.dynamic_lora_loading_path == "s3://bucket/adapters"
+    assert cfg.engine_kwargs["enable_lora"] is True and cfg.engine_kwargs["max_loras"] == 3
+
+
+def test_duplicate_model_ids_are_refused(model_dir):
+    with pytest.raises(ConfigError, match=r"ids must be unique"):
+        load_config(ServeAppConfig, ["--models", f"[{{id: a, path: '{model_dir}'}}, {{id: a, path: '{model_dir}'}}]"])
+
+
+def test_bad_config_exits_2_before_ray_starts(model_dir):
+    run = subprocess.run([sys.executable, "-m", "serve.deploy", f"--model={model_dir}", "--port=99999"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("config error: port:")
+    assert "Started a local Ray instance" not in run.stderr
+
+
+def test_api_key_from_file_first_then_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYLOOP_API_KEY", "from-env")
+    assert read_api_key(AuthSection()) == "from-env"
+    secret = tmp_path / "key"
+    secret.write_text("from-file\n")
+    assert read_api_key(AuthSection(api_key_file=str(secret))) == "from-file"
+    monkeypatch.delenv("RAYLOOP_API_KEY")
+    assert read_api_key(AuthSection()) is None
+    with pytest.raises(ValueError, match="no such file"):
+        read_api_key(AuthSection(api_key_file=str(tmp_path / "missing")))
+
+
+def test_auth_without_key_refuses_to_build(model_dir, monkeypatch):
+    from serve.app import build_app
+
+    monkeypatch.delenv("RAYLOOP_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="auth.enabled is true but no API key is set: export RAYLOOP_API_KEY"):
+        build_app({"models": [{"id": "m", "path": str(model_dir)}]})
+
+
+def test_llm_config_on_cpu_asks_for_no_gpu_and_carries_scaling(model_dir):
+    entry = ModelEntry(id="m", path=str(model_dir), max_queued_requests=5,
+                       autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2})
+    cfg = llm_config(entry, "cpu")
+    assert cfg.accelerator_config.kind == "cpu"
+    assert cfg.placement_group_config == {"bundles": [{"CPU": 1}]}
+    assert cfg.deployment_config["max_queued_requests"] == 5
+    assert cfg.deployment_config["autoscaling_config"]["max_replicas"] == 3
+    assert cfg.engine_kwargs["enforce_eager"] is True and cfg.lora_config is None
+    gpu = llm_config(entry, "gpu")
+    assert gpu.accelerator_config is None or gpu.accelerator_config.kind != "cpu"
+    assert gpu.engine_kwargs["enforce_eager"] is False
+
+
+def test_serve_yaml_files_hold_valid_args(model_dir):
+    for name in ("tiny_cpu.yaml", "gpu.yaml"):
+        doc = yaml.safe_load((REPO / "serve" / "configs" / name).read_text())
+        app = doc["applications"][0]
+        assert app["import_path"] == "serve.app:build_app"
+        args = app["args"]
+        for model in args["models"]:
+            model["path"] = str(model_dir)  # the folders exist only after training
+        cfg = ServeAppConfig.model_validate(args)
+        assert all(m.autoscaling.max_replicas >= m.autoscaling.min_replicas for m in cfg.models)
+        assert cfg.auth.enabled
+
+
+async def _call(guard, headers, body=b"{}", chunked=False):
+    sent = []
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in {"Content-Type": "application/json", **headers}.items()]
+    if not chunked:
+        raw.append((b"content-length", str(len(body)).encode()))
+    guard.app = app
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": raw}
+    await guard(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 401),
+    ({"Authorization": "Bearer wrong"}, 401),
+    ({"Authorization": "Basic secret"}, 401),
+    ({"Authorization": "Bearer "}, 401),
+    ({"Authorization": "Bearer secret"}, 200),
+    ({"authorization": "bearer secret"}, 200),
+])
+def test_guard_checks_the_bearer_key(headers, status):
+    guard = GuardMiddleware(None, key_sha256=key_digest("secret"), max_request_bytes=1024)
+    code, body = asyncio.run(_call(guard, headers))
+    assert code == status
+    if status == 401:
+        assert b'"code":"invalid_api_key"' in body and b'"error"' in body
+
+
+def test_guard_wants_json_bodies():
+    guard = GuardMiddleware(None, key_sha256=None, max_request_bytes=1024)
+    code, body = asyncio.run(_call(guard, {"Content-Type": "application/x-www-form-urlencoded"}))
+    assert code == 415 and b"unsupported_media_type" in body
+    assert asyncio.run(_call(guard, {"Content-Type": "application/json; charset=utf-8"}))[0] == 200
+
+
+def test_guard_caps_the_body_with_and_without_length():
+    guard = GuardMiddleware(None, key_sha256=None, max_request_bytes=1024)
+    assert asyncio.run(_call(guard, {}, body=b"x" * 2000))[0] == 413
+    assert asyncio.run(_call(guard, {}, body=b"x" * 100))[0] == 200
+    assert asyncio.run(_call(guard, {}, body=b"x" * 2000, chunked=True))[0] == 413
+    assert asyncio.run(_call(guard, {}, body=b"x" * 100, chunked=True)) == (200, b"ok")
