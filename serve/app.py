@@ -356,5 +356,8 @@ def build_app(args: ServeAppConfig | dict):
     ingress = make_fastapi_ingress(ingress_cls, endpoint_map=endpoints, app=fastapi_app)
     options = ingress_cls.get_deployment_options(configs)
     options["max_ongoing_requests"] = cfg.ingress_max_ongoing_requests
+    # The ingress only forwards; a logical CPU of its own kept it from scheduling beside two engines on a 2-core
+    # Ray (STACK.md trap 5), as `serve run` starts one. ray.serve.llm's own router runs with num_cpus=0 likewise.
+    options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
     return serve.deployment(ingress, **options).bind(llm_deployments=deployments, model_cards=cards,
                                                      lora_paths=lora_paths)
