@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from rayloop.config import DeepSpeedSection, OptimSection, ScalingSection, StorageSection
@@ -103,6 +104,16 @@ def shard_blocks(blocks, rank: int, world_size: int):
     return blocks[rank:usable:world_size]
 
 
+def resume_notice(run_dir: str) -> str | None:
+    """A line for a run folder that already holds checkpoints: Ray Train restores a run by name, so rerunning a job
+    under the same storage.name continues that run (from its newest checkpoint), even after a config change."""
+    if "://" in run_dir or not (Path(run_dir) / "checkpoint_manager_snapshot.json").is_file():
+        return None
+    name = Path(run_dir).name
+    return (f"{name}: continuing the existing run at {run_dir} from its newest checkpoint "
+            f"(Ray Train restores runs by name; --storage.name=<new name> starts afresh)")
+
+
 def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scaling: ScalingSection,
                  storage: StorageSection, max_failures: int = 0, num_to_keep: int | None = None):
     """A TorchTrainer for `train_loop(loop_config)` on `scaling`, storing runs under `storage`."""
@@ -111,6 +122,9 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
 
     run_dir = storage.run_dir()
     storage_path, name = run_dir.rsplit("/", 1)
+    notice = resume_notice(run_dir)
+    if notice:
+        print(notice, flush=True)
     return TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config=loop_config,

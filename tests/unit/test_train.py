@@ -37,3 +37,15 @@ def test_shards_are_disjoint_equal_and_cover():
     assert len(set(flat)) == 9
     with pytest.raises(ValueError):
         shard_blocks(blocks[:2], 0, 3)
+
+
+def test_rerunning_a_run_name_says_it_continues_that_run(tmp_path):
+    from rayloop.train import resume_notice
+
+    run = tmp_path / "sft-tiny"
+    run.mkdir()
+    assert resume_notice(str(run)) is None  # a new run: nothing to say
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    notice = resume_notice(str(run))
+    assert notice.startswith(f"sft-tiny: continuing the existing run at {run}") and "--storage.name" in notice
+    assert resume_notice("s3://bucket/runs/sft-tiny") is None
