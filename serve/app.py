@@ -194,7 +194,8 @@ class GuardMiddleware:
                 response = openai_error(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                                         "invalid_request_error", "invalid_api_key")
                 return await response(scope, receive, send)
-        if scope.get("method") == "POST" and headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        media_type = headers.get("content-type", "").split(";")[0].strip()
+        if scope.get("method") == "POST" and media_type != "application/json":
             response = openai_error(415, "Send the request body as JSON (Content-Type: application/json).",
                                     "invalid_request_error", "unsupported_media_type")
             return await response(scope, receive, send)
@@ -249,7 +250,9 @@ def add_openai_error_handlers(app) -> None:
 
     async def http_error(request, exc: HTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        code = {401: "invalid_api_key", 404: "model_not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {401: "invalid_api_key", 405: "method_not_allowed"}.get(exc.status_code)
+        if exc.status_code == 404 and "model" in str(exc.detail).lower():
+            code = "model_not_found"
         return openai_error(exc.status_code, str(exc.detail), kind, code)
 
     async def validation_error(request, exc: RequestValidationError):
