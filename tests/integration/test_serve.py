@@ -220,9 +220,8 @@ def test_backpressure_answers_503_instead_of_queueing(endpoint):
 class Load:
     """Closed-loop load on `tiny` from threads: each keeps one request in flight until stopped."""
 
-    def __init__(self, endpoint: Endpoint, concurrency: int, max_requests: int | None = None):
+    def __init__(self, endpoint: Endpoint, concurrency: int):
         self.client = endpoint.client(max_retries=2, timeout=60)  # the openai client's own retry: 2, with backoff
-        self.concurrency, self.max_requests = concurrency, max_requests
         self.ok = self.failed = 0
         self.errors: list[str] = []
         self.stop = threading.Event()
@@ -231,9 +230,6 @@ class Load:
 
     def _run(self):
         while not self.stop.is_set():
-            with self.lock:
-                if self.max_requests is not None and self.ok + self.failed >= self.max_requests:
-                    return
             try:
                 self.client.completions.create(model="tiny", prompt="12+34=", **LOAD_KWARGS)
                 with self.lock:
@@ -252,10 +248,6 @@ class Load:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout=120)
-
-    def join(self):
-        for thread in self.threads:
-            thread.join(timeout=600)
 
 
 def wait_for(predicate, timeout_s: float, what: str, trace: list | None = None):
