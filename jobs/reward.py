@@ -10,6 +10,8 @@ above a plausible wrong one, and reports preference accuracy on held-out pairs. 
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from rayloop.config import run_cli
 from rayloop.posttrain import PostTrainConfig, PostTrainSection
 
@@ -20,6 +22,9 @@ class RewardJobConfig(PostTrainConfig):
     job_name = "reward"
     # A scalar-output model cannot answer the task, so no generated held-out accuracy; its eval is pair accuracy.
     train: PostTrainSection = PostTrainSection(eval_samples=0)
+    rejected_per_problem: int = Field(default=1, ge=1)
+    """Preference pairs per training problem, each with its own wrong answer: a small model needs many pairs to
+    learn to check an answer rather than judge its surface."""
 
 
 def build_trainer(cfg: RewardJobConfig, model_dir: str, args: dict):
@@ -33,7 +38,7 @@ def build_trainer(cfg: RewardJobConfig, model_dir: str, args: dict):
         model=model_dir,
         args=RewardConfig(**args, max_length=cfg.train.max_length, eval_strategy="steps",
                           eval_steps=cfg.train.checkpoint_every),
-        train_dataset=Dataset.from_list(task.preference_pairs()),
+        train_dataset=Dataset.from_list(task.preference_pairs(cfg.rejected_per_problem)),
         eval_dataset=Dataset.from_list(task.eval_preference_pairs()),
     )
 

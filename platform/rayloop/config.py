@@ -153,7 +153,10 @@ class OptimSection(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay."""
     warmup_steps: int = Field(default=10, ge=0)
-    """Linear warm-up steps before the cosine decay."""
+    """Linear warm-up steps before the schedule."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: `cosine` decays to a tenth of `lr` (pretraining) or to zero (TRL jobs); `constant` holds
+    `lr`, which suits online RL, whose data does not run out."""
     grad_clip: float = Field(default=1.0, ge=0)
     """Gradient norm clipping (0: off)."""
 

@@ -117,7 +117,7 @@ def training_arguments(cfg: PostTrainConfig, output_dir: str, *, bf16: bool) -> 
         learning_rate=o.lr,
         weight_decay=o.weight_decay,
         warmup_steps=o.warmup_steps,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type="cosine" if o.schedule == "cosine" else "constant_with_warmup",
         max_grad_norm=o.grad_clip,
         logging_steps=t.log_every,
         save_strategy="steps",

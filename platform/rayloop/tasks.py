@@ -108,11 +108,13 @@ class ArithmeticTask:
         """Prompt/completion pairs (TRL's prompt-completion format)."""
         return [{"prompt": p.prompt, "completion": p.answer} for p in self.train_problems]
 
-    def preference_pairs(self) -> list[dict]:
-        """Prompt/chosen/rejected triples (TRL's preference format): chosen right, rejected wrong."""
+    def preference_pairs(self, rejected_per_problem: int = 1) -> list[dict]:
+        """Prompt/chosen/rejected triples (TRL's preference format): chosen right, rejected wrong; each training
+        problem gives `rejected_per_problem` pairs with independently drawn wrong answers."""
         rng = random.Random(self.cfg.seed + 1)
         return [
-            {"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng)} for p in self.train_problems
+            {"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(p, rng)}
+            for p in self.train_problems for _ in range(rejected_per_problem)
         ]
 
     def train_examples(self) -> list[dict]:

@@ -89,6 +89,11 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_s
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": 0.1,
             },
+        } if optim.schedule == "cosine" else {
+            "type": "WarmupLR",
+            # DeepSpeed's WarmupLR refuses 0 warm-up steps.
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": optim.lr,
+                       "warmup_num_steps": max(optim.warmup_steps, 1), "warmup_type": "linear"},
         },
         "steps_per_print": 10**9,  # progress goes to the bar and TensorBoard, not DeepSpeed's log lines
         "wall_clock_breakdown": False,

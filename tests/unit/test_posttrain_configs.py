@@ -89,3 +89,13 @@ def test_grpo_job_rejects_bad_config_before_ray(model_dir):
                             env={"RAY_ADDRESS": "127.0.0.1:1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("config error: rollout.num_generations (3) must divide")
+
+
+def test_schedule_reaches_the_trl_arguments(model_dir, tmp_path):
+    from rayloop.posttrain import training_arguments
+
+    constant = grpo(model_dir, "--optim.schedule=constant")
+    assert training_arguments(constant, str(tmp_path), bf16=False)["lr_scheduler_type"] == "constant_with_warmup"
+    assert training_arguments(grpo(model_dir), str(tmp_path), bf16=False)["lr_scheduler_type"] == "cosine"
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        grpo(model_dir, "--optim.schedule=linear")

@@ -33,6 +33,16 @@ def test_rejected_answers_are_wrong_and_well_formed():
         int(pair["rejected"])
 
 
+def test_several_rejected_answers_per_problem():
+    task = ArithmeticTask(TaskSection(num_train=300))
+    pairs = task.preference_pairs(rejected_per_problem=4)
+    assert len(pairs) == 1200 and [p["prompt"] for p in pairs[:4]] == [task.train_problems[0].prompt] * 4
+    per_prompt: dict[str, set[str]] = {}
+    for pair in pairs:
+        per_prompt.setdefault(pair["prompt"], set()).add(pair["rejected"])
+    assert sum(len(wrong) > 1 for wrong in per_prompt.values()) > 250  # drawn independently, not copies
+
+
 @pytest.mark.parametrize("completion, expected", [
     ("42", 1.0), (" 42 ", 1.0), ("42\n", 1.0), ("-12", 0.0), ("420", 0.0), ("4 2", 0.0), ("42+1", 0.0),
     ("", 0.0), ("forty-two", 0.0),

@@ -19,6 +19,20 @@ def test_deepspeed_keys_from_sections():
     assert cfg["bf16"]["enabled"] is False  # auto on CPU: fp32
 
 
+def test_constant_schedule_holds_the_peak_after_warm_up():
+    import deepspeed.runtime.lr_schedules as schedules
+
+    cfg = deepspeed_config(DeepSpeedSection(), OptimSection(lr=1e-3, warmup_steps=0, schedule="constant"),
+                           micro_batch_size=4, grad_accum=1, world_size=1, total_steps=100, use_gpu=False)
+    assert cfg["scheduler"]["type"] == "WarmupLR"
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = getattr(schedules, cfg["scheduler"]["type"])(optimizer, **cfg["scheduler"]["params"])
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_lr() == [pytest.approx(1e-3)]
+
+
 def test_zero3_offload_and_passthrough_overrides():
     ds = DeepSpeedSection(zero_stage=3, offload_optimizer=True, offload_param=True, precision="bf16",
                           overrides={"zero_optimization": {"stage3_max_live_parameters": 1000}, "prescale_gradients": True})
