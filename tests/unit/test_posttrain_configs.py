@@ -15,14 +15,6 @@ from rayloop.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "run" / "checkpoint_2026-01-01_00-00-00.000000" / "checkpoint"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
-    return tmp_path / "run"
-
-
 def grpo(model_dir, *overrides):
     return load_config(GRPOJobConfig, [f"--model.name_or_path={model_dir}", *overrides])
 

@@ -20,14 +20,6 @@ def api_key(monkeypatch):
     monkeypatch.setenv("RAYLOOP_API_KEY", "secret")
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "sft-tiny" / "checkpoint_2026-01-01_00-00-00.000000" / "checkpoint"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
-    return tmp_path / "sft-tiny"
-
-
 def test_deploy_shortcut_takes_a_run_folder_and_names_the_model_after_it(model_dir):
     cfg = load_config(DeployConfig, [f"--model={model_dir}"])
     assert [m.id for m in cfg.models] == ["sft-tiny"]
