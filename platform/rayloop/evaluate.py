@@ -97,6 +97,25 @@ def compare_exact_match(before_dir: str, after_dir: str, examples: list[dict], *
     return paired_difference(before, after)
 
 
+def sampled_exact_match_scores(model_dir: str, examples: list[dict], gen, *, use_gpu: bool = False) -> list[float]:
+    """Per held-out {"prompt", "answer"}: the fraction of `gen.samples_per_prompt` vLLM samples at
+    `gen.temperature` that are exactly the answer; their mean is pass@1 at that temperature."""
+    from rayloop.generate import generate_on_ray
+    from rayloop.tasks import score
+
+    outputs = generate_on_ray(model_dir, [e["prompt"] for e in examples], gen, use_gpu=use_gpu)
+    return [sum(score(text, e["answer"]) for text in out["texts"]) / len(out["texts"])
+            for out, e in zip(outputs, examples)]
+
+
+def compare_sampled_exact_match(before_dir: str, after_dir: str, examples: list[dict], gen, *,
+                                use_gpu: bool = False) -> dict:
+    """Paired held-out sampled exact match (pass@1 at `gen.temperature`) of two model folders (Ray initialised)."""
+    before = sampled_exact_match_scores(before_dir, examples, gen, use_gpu=use_gpu)
+    after = sampled_exact_match_scores(after_dir, examples, gen, use_gpu=use_gpu)
+    return paired_difference(before, after)
+
+
 def describe(name: str, result: dict) -> str:
     return (f"{name} {result['before']:.1%} -> {result['after']:.1%} (difference {result['difference']:+.1%}, "
             f"95% CI [{result['ci_low']:+.1%}, {result['ci_high']:+.1%}], n={result['n']})")

@@ -6,7 +6,8 @@ from rayloop.config import GenerateSection
 
 
 def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> list[dict]:
-    """Completions of `prompts` from the HF folder `model_dir`, in order, as {"text", "token_ids"}.
+    """Completions of `prompts` from the HF folder `model_dir`, in order, as {"text", "token_ids"} of the first
+    completion and "texts" of all `gen.samples_per_prompt`.
 
     Call under a `__main__` guard or in a Ray task: vLLM's engine spawns processes (STACK.md trap 3)."""
     from vllm import LLM, SamplingParams
@@ -19,9 +20,10 @@ def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> l
         enforce_eager=gen.enforce_eager,
         seed=0,
     )
-    params = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, seed=0)
+    params = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, n=gen.samples_per_prompt, seed=0)
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids)} for out in outputs]
+    return [{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids),
+             "texts": [sample.text for sample in out.outputs]} for out in outputs]
 
 
 def generate_on_ray(model_dir: str, prompts: list[str], gen: GenerateSection, *, use_gpu: bool = False) -> list[dict]:

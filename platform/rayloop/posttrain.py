@@ -193,12 +193,28 @@ def reload_weights_into_vllm(generation) -> None:
     its CPU layers repack weights after loading and drop `weight_loader`). `reload_weights` restores the checkpoint
     layout, loads, and repacks again. The engine lives in this process (TRL's external_launcher), so tensors pass
     as they are. TRL's `_iter_named_params` still does the gathering (ZeRO-3, PEFT merge); each tensor is copied
-    because a gathered ZeRO-3 parameter is freed when the iterator moves on.
+    because a gathered ZeRO-3 parameter is freed when the iterator moves on. Tied output heads are packed again
+    afterwards (`_repack_cpu_embedding_heads`).
     """
     weights = [(name, tensor.detach().clone()) for name, tensor in generation._iter_named_params()]
     generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                             "is_checkpoint_format": True})
+    generation.llm.collective_rpc(_repack_cpu_embedding_heads)
     generation.llm.reset_prefix_cache()
+
+
+def _repack_cpu_embedding_heads(worker) -> None:
+    """Rebuild vLLM-CPU's packed GEMM for embedding tables that double as the output head.
+
+    vLLM-CPU packs a copy of the embedding table for the logits GEMM (`cpu_linear`). `reload_weights` updates the
+    table but does not pack it again, so with tied embeddings the logits kept the checkpoint's head while the
+    input side moved: rollouts drifted further from the trainer's policy at every step. Runs in each vLLM worker.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    for module in worker.model_runner.model.modules():
+        if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
+            module.quant_method.process_weights_after_loading(module)
 
 
 def use_cpu_weight_sync(trainer) -> None:

