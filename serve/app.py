@@ -87,6 +87,11 @@ class ModelEntry(Section):
     """Ray logical CPUs one engine replica takes (CPU accelerator)."""
     kv_cache_fraction: float = Field(default=0.05, gt=0, le=0.95)
     """vLLM's gpu_memory_utilization: of the GPU's memory, or on CPU of the NUMA node's memory (STACK.md trap 2)."""
+    stream_batching_interval_ms: float = Field(default=200, gt=0)
+    """How long a replica gathers streamed tokens before sending them on as one message (ray.serve.llm's
+    `stream_batching_interval_ms`; its default is 50). Every message costs a trip through the ingress and the proxy:
+    on 2 CPU cores, 16 streams, 200 ms gave 1384 output tokens/s against 1010 at 50 ms (1372 at 1000 ms), for a
+    first token about 80 ms later (p50 231 ms against 150 ms). Lower it for smoother streams."""
     engine_kwargs: dict[str, Any] = {}
     """Any further vLLM engine argument, as is (e.g. tensor_parallel_size, enable_prefix_caching)."""
 
@@ -281,6 +286,7 @@ def llm_config(entry: ModelEntry, accelerator: str):
     options: dict[str, Any] = dict(
         model_loading_config=dict(model_id=entry.id, model_source=entry.path),
         engine_kwargs=engine_kwargs,
+        experimental_configs=dict(stream_batching_interval_ms=entry.stream_batching_interval_ms),
         deployment_config=dict(autoscaling_config=scaling, max_ongoing_requests=entry.max_ongoing_requests,
                                max_queued_requests=entry.max_queued_requests),
     )

@@ -106,6 +106,7 @@ def test_llm_config_on_cpu_asks_for_no_gpu_and_carries_scaling(model_dir):
     assert cfg.deployment_config["max_queued_requests"] == 5
     assert cfg.deployment_config["autoscaling_config"]["max_replicas"] == 3
     assert cfg.engine_kwargs["enforce_eager"] is True and cfg.lora_config is None
+    assert cfg.experimental_configs["stream_batching_interval_ms"] == 200
     gpu = llm_config(entry, "gpu")
     assert gpu.accelerator_config is None or gpu.accelerator_config.kind != "cpu"
     assert gpu.engine_kwargs["enforce_eager"] is False
