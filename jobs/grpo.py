@@ -86,7 +86,9 @@ def main(cfg: GRPOJobConfig) -> dict:
                                                  use_gpu=use_gpu)
     # The rollouts' own sampling, in the trainer's precision on CPU (vLLM-CPU would otherwise load fp32 as bf16).
     sampling = GenerateSection(max_tokens=cfg.rollout.max_completion_length, temperature=cfg.rollout.temperature,
-                               samples_per_prompt=cfg.eval_samples, dtype="auto" if use_gpu else "float32")
+                               samples_per_prompt=cfg.eval_samples, dtype="auto" if use_gpu else "float32",
+                               max_model_len=cfg.rollout.max_model_len,
+                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
     summary["sampled_exact_match"] = compare_sampled_exact_match(cfg.model.name_or_path, summary["model_dir"],
                                                                  examples, sampling, use_gpu=use_gpu)
     print(f"{cfg.algorithm}: step {summary.get('step')}, reward {summary.get('reward', float('nan')):.3f}, "
