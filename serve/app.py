@@ -13,6 +13,7 @@ app that has those three, and leaves everything else to ray.serve.llm.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -302,6 +303,57 @@ def llm_config(entry: ModelEntry, accelerator: str):
     return LLMConfig(**options)
 
 
+def _llm_server_class():
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    from ray.llm._internal.serve.utils.batcher import Batcher
+
+    class FirstChunkNowBatcher(Batcher):
+        """ray.serve.llm's Batcher, except that a stream's first chunk leaves as soon as it exists.
+
+        Written because the Batcher waits a whole interval before its first yield, so every stream's first token
+        arrived `stream_batching_interval_ms` late (TTFT p50 252 ms against vLLM's 58 ms at 200 ms), and clients
+        that wait for an answer before the next request sent fewer requests. Later chunks are batched as before:
+        that batching is what keeps the per-message cost of Serve's hops down."""
+
+        def __init__(self, generator, interval_ms=None):
+            super().__init__(generator, interval_ms=interval_ms)
+            self.first_chunk = asyncio.Event()  # set before the read task first runs: create_task only schedules
+
+        async def read(self):
+            try:
+                async for item in self.generator:
+                    self.queue.put_nowait(item)
+                    self.first_chunk.set()
+            finally:
+                self.first_chunk.set()
+                self.done_event.set()
+
+        async def stream(self):
+            if not self.interval_s:  # 0: no batching, None: one batch at the end; both as ray.serve.llm does
+                async for batch in super().stream():
+                    yield batch
+                return
+            try:
+                await self.first_chunk.wait()
+                if first := self.drain_queue():
+                    yield self._merge_results(first)
+                async for batch in super().stream():
+                    yield batch
+            finally:
+                if not self.read_task.done():
+                    self.read_task.cancel()
+
+    class RayloopLLMServer(LLMServer):
+        """ray.serve.llm's LLMServer with `FirstChunkNowBatcher` for its streams."""
+
+        batcher_cls = FirstChunkNowBatcher
+
+        def _batch_output_stream(self, generator):
+            return self.batcher_cls(generator, interval_ms=self._get_batch_interval_ms()).stream()
+
+    return RayloopLLMServer
+
+
 def _ingress_class():
     from fastapi import Response
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
@@ -351,7 +403,10 @@ def build_app(args: ServeAppConfig | dict):
         digest = key_digest(key)
 
     configs = [llm_config(m, cfg.accelerator) for m in cfg.models]
-    deployments = {c.model_id: build_llm_deployment(c) for c in configs}
+    server_cls = _llm_server_class()
+    # ray.serve.llm's own deployment names ("LLMServer:<model id>"), not the subclass's.
+    deployments = {c.model_id: build_llm_deployment(c, deployment_cls=server_cls, name_prefix="LLMServer:")
+                   for c in configs}
     cards = {c.model_id: to_model_metadata(c.model_id, c) for c in configs}
     lora_paths = {c.model_id: c.lora_config.dynamic_lora_loading_path for c in configs if c.lora_config}
 

@@ -305,7 +305,48 @@ def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool):
                 state.log_history[-1]["step_seconds"] = logs["step_seconds"]
                 self.step_seconds = []
 
-    return [HeldOutAccuracy(), RunInfo()]
+    class PhaseSeconds(TrainerCallback):
+        """TRL times each phase of a step (generation, weight sync, rewards, the loss) but sends the figures only
+        to wandb, MLflow or Trackio; this adds them to the logs, so TensorBoard and the history Ray reports show
+        where a step's time goes: `time/<phase>`, mean seconds per optimizer step since the last log."""
+
+        def __init__(self):
+            self.totals = _trl_phase_seconds()
+            self.steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or not self.steps or "loss" not in logs:
+                return
+            for name, seconds in self.totals.items():
+                key = f"time/{name.split('.', 1)[-1]}"  # drop the "GRPOTrainer." prefix
+                logs[key] = state.log_history[-1][key] = seconds / self.steps
+            self.totals.clear()
+            self.steps = 0
+
+    return [HeldOutAccuracy(), RunInfo(), PhaseSeconds()]
+
+
+_PHASE_SECONDS: dict[str, float] | None = None
+
+
+def _trl_phase_seconds() -> dict[str, float]:
+    """A dict that TRL's profiling contexts add their durations to, by name (patched once per process)."""
+    global _PHASE_SECONDS
+    if _PHASE_SECONDS is None:
+        from trl.extras.profiling import ProfilingContext
+
+        _PHASE_SECONDS = {}
+        original = ProfilingContext._log_metrics
+
+        def record(context, duration: float) -> None:
+            _PHASE_SECONDS[context.name] = _PHASE_SECONDS.get(context.name, 0.0) + duration
+            original(context, duration)
+
+        ProfilingContext._log_metrics = record
+    return _PHASE_SECONDS
 
 
 def _unwrap(model):

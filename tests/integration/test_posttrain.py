@@ -45,7 +45,8 @@ def test_grpo_with_vllm_rollouts(sft_result, posttrain_runs):
     assert list(run.glob("checkpoint_*/reward.png")), "no reward curve beside the final checkpoint"
     tags = _tensorboard_tags(run / "tensorboard")
     assert {"train/reward", "train/reward_std", "train/kl", "train/completions/mean_length",
-            "eval/exact_match"} <= tags, tags
+            "eval/exact_match", "train/time/vLLM.generate", "train/time/sync_weights"} <= tags, tags
+    assert 0 < summary["time/vLLM.generate"] < summary["step_seconds"], summary  # TRL's phase timings, per step
 
 
 def test_dpo_opens_a_held_out_reward_margin(sft_result, posttrain_runs):

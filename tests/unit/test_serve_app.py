@@ -178,3 +178,48 @@ def test_guard_caps_the_body_with_and_without_length():
     assert asyncio.run(_call(guard, {}, body=b"x" * 100))[0] == 200
     assert asyncio.run(_call(guard, {}, body=b"x" * 2000, chunked=True))[0] == 413
     assert asyncio.run(_call(guard, {}, body=b"x" * 100, chunked=True)) == (200, b"ok")
+
+
+def test_stream_batcher_sends_the_first_chunk_at_once_and_batches_the_rest():
+    # The generator holds its later chunks until the first batch has reached the caller: ray.serve.llm's own
+    # Batcher would hold that first chunk for the whole minute-long interval and time out here.
+    gate: dict = {}
+
+    async def chunks():
+        yield "a"
+        await gate["released"].wait()
+        for chunk in "bcd":
+            yield chunk
+
+    from serve.app import _llm_server_class
+
+    async def collect():
+        gate["released"] = asyncio.Event()
+        stream = _llm_server_class().batcher_cls(chunks(), interval_ms=60_000).stream()
+        first = await asyncio.wait_for(stream.__anext__(), timeout=5)
+        gate["released"].set()
+        return [list(first)] + [list(batch) async for batch in stream]
+
+    assert asyncio.run(collect()) == [["a"], ["b", "c", "d"]]  # the rest in one batch, when the stream ends
+
+
+def test_stream_batcher_passes_errors_and_unbatched_streams_through():
+    from serve.app import _llm_server_class
+
+    batcher_cls = _llm_server_class().batcher_cls
+
+    async def failing():
+        yield "a"
+        raise RuntimeError("engine died")
+
+    async def collect(generator, interval_ms):
+        return [list(batch) async for batch in batcher_cls(generator, interval_ms=interval_ms).stream()]
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        asyncio.run(collect(failing(), 200))
+
+    async def three():
+        for chunk in "abc":
+            yield chunk
+
+    assert asyncio.run(collect(three(), 0)) == [["a"], ["b"], ["c"]]  # interval 0: every chunk on its own
