@@ -370,8 +370,14 @@ def train_loop(loop_config: dict) -> None:
     trainer = loop_config["build_trainer"](cfg, loop_config["model_dir"], args)
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()
+    from transformers.integrations import TensorBoardCallback
+
+    # TensorBoard's callback goes last, so that it writes the figures ours add to the logs (step_seconds, time/*).
+    tensorboard = trainer.pop_callback(TensorBoardCallback)
     for callback in [RayTrainReportCallback(), *_callbacks(cfg, log_dir, resumed=checkpoint is not None)]:
         trainer.add_callback(callback)
+    if tensorboard is not None:
+        trainer.add_callback(tensorboard)
     if checkpoint is None:
         trainer.train()
     else:
