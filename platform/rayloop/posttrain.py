@@ -357,6 +357,7 @@ def _unwrap(model):
 def train_loop(loop_config: dict) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from transformers.integrations import TensorBoardCallback
 
     from rayloop.train import use_bf16
 
@@ -370,8 +371,6 @@ def train_loop(loop_config: dict) -> None:
     trainer = loop_config["build_trainer"](cfg, loop_config["model_dir"], args)
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()
-    from transformers.integrations import TensorBoardCallback
-
     # TensorBoard's callback goes last, so that it writes the figures ours add to the logs (step_seconds, time/*).
     tensorboard = trainer.pop_callback(TensorBoardCallback)
     for callback in [RayTrainReportCallback(), *_callbacks(cfg, log_dir, resumed=checkpoint is not None)]:
