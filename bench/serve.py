@@ -5,8 +5,10 @@
 
 One client for both servers (async httpx, streaming /v1/completions with usage): the same token-id prompts
 (`--input-tokens` each), `--output-tokens` generated per request (vLLM's ignore_eos), `--concurrency` in flight.
-  (a) output tokens/s of our endpoint (serve.app: ray.serve.llm, one replica, API key on) / vLLM's own server
-      (`python -m vllm.entrypoints.openai.api_server`, STACK.md trap 6), goal >= 0.95;
+  (a) output tokens/s of our endpoint (serve.app: ray.serve.llm, one replica, API key on; Ray's HAProxy on unless
+      --no-haproxy, so one model is served `direct`) / vLLM's own server (`python -m
+      vllm.entrypoints.openai.api_server`, STACK.md trap 6), goal >= 0.95. Both servers are up together and loaded
+      in turn for `--rounds` rounds; the median round's ratio is reported;
   (b) vLLM's server and our endpoint / transformers `generate`, one request at a time in this process (what
       `pipeline('text-generation')` behind a plain web handler does; no HTTP cost counted, so it flatters the
       baseline), goal >= 7.5x;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -150,7 +153,9 @@ def bench_transformers(model_dir: str, prompts: list[list[int]], output_tokens: 
             "output_tokens_per_s": round(tokens / wall, 1)}
 
 
-def bench_vllm_server(model_dir: str, prompts, args) -> dict:
+@contextlib.contextmanager
+def vllm_server(model_dir: str, args):
+    """vLLM's own OpenAI server on the model, warmed up; yields its base URL and seconds to ready."""
     port, base = 8100, "http://127.0.0.1:8100"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
@@ -161,10 +166,7 @@ def bench_vllm_server(model_dir: str, prompts, args) -> dict:
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ready = wait_ready(base)
-        asyncio.run(run_load(base, "bench", prompts[:16], args.output_tokens, args.concurrency))  # warm-up
-        result = run_load_with_cpu(base, "bench", prompts, args.output_tokens, args.concurrency)
-        result["ready_s"] = round(ready, 1)
-        return result
+        yield base, ready
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -178,10 +180,13 @@ def app_config(model_dir: str, args, autoscaling: dict):
         "models": [{"id": "bench", "path": model_dir, "dtype": args.dtype, "max_model_len": args.max_model_len,
                     "kv_cache_fraction": args.kv_cache_fraction, "max_ongoing_requests": 64,
                     "max_queued_requests": 1024, "autoscaling": autoscaling}],
+        "ingress": args.ingress,
     })
 
 
-def bench_our_endpoint(model_dir: str, prompts, args) -> dict:
+@contextlib.contextmanager
+def our_endpoint(model_dir: str, args):
+    """Our application (one replica), deployed; yields its base URL and seconds from deploy to first token."""
     from ray import serve
 
     from serve.app import build_app
@@ -192,12 +197,44 @@ def bench_our_endpoint(model_dir: str, prompts, args) -> dict:
     serve.run(build_app(app_config(model_dir, args, {"min_replicas": 1, "max_replicas": 1})), name="bench",
               route_prefix="/", blocking=False)
     first_token_seconds(f"{base}/v1", KEY, "bench")
-    deploy_to_first_token = time.perf_counter() - started
-    asyncio.run(run_load(base, "bench", prompts[:16], args.output_tokens, args.concurrency))  # warm-up
-    result = run_load_with_cpu(base, "bench", prompts, args.output_tokens, args.concurrency)
-    result["deploy_to_first_token_s"] = round(deploy_to_first_token, 1)
-    serve.delete("bench")
-    return result
+    try:
+        yield base, time.perf_counter() - started
+    finally:
+        serve.delete("bench")
+
+
+def compare(model_dir: str, prompts, args, figures: dict) -> None:
+    """vLLM's server and ours, both up, loaded in turn for `--rounds` rounds: each round's ratio is taken under the
+    same conditions, and the median round is reported (one load alone moves +-10% on a shared 2-core machine)."""
+    servers = {}
+    with contextlib.ExitStack() as stack:
+        if "vllm" not in args.skip:
+            servers["vllm_server"], vllm_ready = stack.enter_context(vllm_server(model_dir, args))
+        if "serve" not in args.skip:
+            servers["rayloop_endpoint"], deploy_s = stack.enter_context(our_endpoint(model_dir, args))
+        for base in servers.values():
+            asyncio.run(run_load(base, "bench", prompts[:16], args.output_tokens, args.concurrency))  # warm-up
+        runs: dict[str, list[dict]] = {name: [] for name in servers}
+        for round_ in range(args.rounds):
+            for name, base in servers.items():
+                runs[name].append(run_load_with_cpu(base, "bench", prompts, args.output_tokens, args.concurrency))
+                print(f"round {round_ + 1}/{args.rounds} {name}: {runs[name][-1]['output_tokens_per_s']} tok/s, "
+                      f"TTFT p50 {runs[name][-1]['ttft_p50_ms']} ms", flush=True)
+    for name, results in runs.items():
+        rates = [r["output_tokens_per_s"] for r in results]
+        median = sorted(results, key=lambda r: r["output_tokens_per_s"])[len(results) // 2]
+        figures[name] = {**median, "rounds_output_tokens_per_s": rates}
+    if "vllm_server" in servers:
+        figures["vllm_server"]["ready_s"] = round(vllm_ready, 1)
+    if "rayloop_endpoint" in servers:
+        figures["rayloop_endpoint"]["deploy_to_first_token_s"] = round(deploy_s, 1)
+        figures["rayloop_endpoint"]["ingress"] = ("direct" if app_config(model_dir, args, {}).direct_ingress()
+                                                  else "openai") + (" via HAProxy" if args.haproxy else "")
+    if len(runs) == 2:
+        ratios = [o["output_tokens_per_s"] / v["output_tokens_per_s"]
+                  for v, o in zip(runs["vllm_server"], runs["rayloop_endpoint"])]
+        figures["a_rounds"] = [round(r, 3) for r in ratios]
+        figures["a_endpoint_over_vllm_server"] = round(statistics.median(ratios), 3)
 
 
 def load_step(model_dir: str, prompts, args, png: Path) -> dict:
@@ -292,6 +329,10 @@ def main() -> None:
     parser.add_argument("--step-low-s", type=float, default=15)
     parser.add_argument("--step-high-s", type=float, default=90)
     parser.add_argument("--step-idle-s", type=float, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved loads of each server; the median counts")
+    parser.add_argument("--ingress", default="auto", choices=["auto", "direct", "openai"], help="serve/app.py's")
+    parser.add_argument("--no-haproxy", dest="haproxy", action="store_false",
+                        help="Serve's Python proxy actor instead of HAProxy (then `auto` is the openai ingress)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "vllm", "serve", "step"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
@@ -318,9 +359,8 @@ def main() -> None:
         figures["transformers_one_at_a_time"] = bench_transformers(model_dir, prompts[: args.hf_requests],
                                                                    args.output_tokens, args.dtype, args.gpu)
         print("transformers:", figures["transformers_one_at_a_time"], flush=True)
-    if "vllm" not in args.skip:
-        figures["vllm_server"] = bench_vllm_server(model_dir, prompts, args)
-        print("vLLM server:", figures["vllm_server"], flush=True)
+    if args.haproxy:  # Ray reads it where it starts: before init_ray
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     if not {"serve", "step"} <= set(args.skip):
         from ray import serve
 
@@ -328,18 +368,19 @@ def main() -> None:
 
         init_ray()
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        if "serve" not in args.skip:
-            figures["rayloop_endpoint"] = bench_our_endpoint(model_dir, prompts, args)
-            print("rayloop endpoint:", figures["rayloop_endpoint"], flush=True)
-        if "step" not in args.skip:
-            figures["load_step"] = load_step(model_dir, prompts, args, out.with_name("serve_load_step.png"))
-            print("load step:", {k: v for k, v in figures["load_step"].items() if not k.startswith("replicas_over")})
+    if not {"vllm", "serve"} <= set(args.skip):
+        compare(model_dir, prompts, args, figures)
+        for name in ("vllm_server", "rayloop_endpoint"):
+            if name in figures:
+                print(f"{name}:", figures[name], flush=True)
+    if "step" not in args.skip:
+        figures["load_step"] = load_step(model_dir, prompts, args, out.with_name("serve_load_step.png"))
+        print("load step:", {k: v for k, v in figures["load_step"].items() if not k.startswith("replicas_over")})
+    if not {"serve", "step"} <= set(args.skip):
         serve.shutdown()
 
     rate = {k: figures[k]["output_tokens_per_s"] for k in ("transformers_one_at_a_time", "vllm_server",
                                                             "rayloop_endpoint") if k in figures}
-    if {"rayloop_endpoint", "vllm_server"} <= set(rate):
-        figures["a_endpoint_over_vllm_server"] = round(rate["rayloop_endpoint"] / rate["vllm_server"], 3)
     if "transformers_one_at_a_time" in rate:
         for name in ("vllm_server", "rayloop_endpoint"):
             if name in rate:

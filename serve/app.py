@@ -3,12 +3,16 @@
     serve run serve/configs/tiny_cpu.yaml                    # Serve's own config file; `serve deploy` alike
     python -m serve.deploy --model.path ~/rayloop-runs/sft-tiny   # one model from its folder
 
-Each entry of `models` is one `ray.serve.llm.LLMConfig` (one vLLM engine per replica, autoscaled by Serve); the
-ingress is ray.serve.llm's own `OpenAiIngress` (/v1/completions, /v1/chat/completions, /v1/models, streaming).
-What `build_openai_app` cannot do, and why this module builds the ingress itself from ray.serve.llm's pieces:
-it offers no hook for ASGI middleware, so it cannot check an API key before the body is parsed, cap the body size,
-or add /health. `build_app` therefore repeats its last few lines (deployments, model cards, ingress) with a FastAPI
-app that has those three, and leaves everything else to ray.serve.llm.
+Each entry of `models` is one `ray.serve.llm.LLMConfig` (one vLLM engine per replica, autoscaled by Serve). HTTP
+reaches the engines in one of two shapes (`ingress`):
+- `openai`: ray.serve.llm's own `OpenAiIngress` replica in front of one deployment per model (/v1/completions,
+  /v1/chat/completions, /v1/models, streaming). `build_openai_app` offers no hook for ASGI middleware, so it cannot
+  check an API key before the body is parsed, cap the body size, or add /health; `build_app` therefore repeats its
+  last few lines (deployments, model cards, ingress) with a FastAPI app that has those three.
+- `direct` (one model): the engine replica is the ingress and serves vLLM's own OpenAI app, the shape of
+  ray.serve.llm's direct streaming; with Ray's HAProxy on, requests skip Serve's proxy actor and any ingress
+  replica. On 2 CPU cores that is the difference between ~0.7 and ~0.9 of vLLM's own server (bench/serve.py).
+Everything else is left to ray.serve.llm and vLLM.
 """
 
 from __future__ import annotations
@@ -140,13 +144,28 @@ class ServeAppConfig(Section):
     """Largest request body; larger gets 413 before it is read."""
     ingress_max_ongoing_requests: int = Field(default=256, ge=1)
     """Requests the OpenAI ingress replica handles at once (it only forwards, so far above an engine's)."""
+    ingress: Literal["auto", "direct", "openai"] = "auto"
+    """How HTTP reaches the engines. `direct`: each engine replica serves vLLM's own OpenAI app itself
+    (ray.serve.llm's direct-streaming shape; one model only). With Ray's HAProxy on (`RAY_SERVE_ENABLE_HA_PROXY=1`
+    where Ray starts) requests then go from HAProxy straight to the engine replica, token by token, with no proxy
+    actor and no ingress replica in the way. `openai`: ray.serve.llm's OpenAI ingress replica in front of one
+    deployment per model (several models; streamed tokens are batched per hop). `auto`: `direct` for one model
+    when HAProxy is on where the app is built, else `openai`."""
 
     @model_validator(mode="after")
     def _unique_ids(self):
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"models: ids must be unique, got {ids}")
+        if self.ingress == "direct" and len(self.models) != 1:
+            raise ValueError(f"ingress: 'direct' serves exactly one model, got {len(self.models)} (use 'openai')")
         return self
+
+    def direct_ingress(self) -> bool:
+        """Whether `build_app` gives the engine replica the HTTP side itself (see `ingress`)."""
+        if self.ingress == "auto":
+            return len(self.models) == 1 and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+        return self.ingress == "direct"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,13 +200,14 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None)
 
 class GuardMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: it would buffer streams): API key, JSON content type, body size, all
-    before the body is parsed.
+    before the body is parsed; and, where it is given `max_in_flight`, admission (503 beyond it).
     /health stays open so load balancers and Serve's own probes need no key."""
 
     OPEN_PATHS = ("/health",)
 
-    def __init__(self, app, key_sha256: str | None, max_request_bytes: int):
+    def __init__(self, app, key_sha256: str | None, max_request_bytes: int, max_in_flight: int | None = None):
         self.app, self.key_sha256, self.max_request_bytes = app, key_sha256, max_request_bytes
+        self.max_in_flight, self.in_flight = max_in_flight, 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
@@ -226,7 +246,18 @@ class GuardMiddleware:
                 if not message.get("more_body"):
                     break
             receive = self._replay(b"".join(chunks), receive)
-        return await self.app(scope, receive, send)
+        if self.max_in_flight is None:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:
+            response = openai_error(503, "The model is at capacity (its queue is full); retry shortly.",
+                                    "server_overloaded", "overloaded")
+            response.headers["Retry-After"] = "1"
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
     @staticmethod
     def _replay(body: bytes, receive):
@@ -271,8 +302,13 @@ def add_openai_error_handlers(app) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
-def llm_config(entry: ModelEntry, accelerator: str):
-    """ray.serve.llm's LLMConfig for one model entry."""
+def direct_admission_limit(entry: ModelEntry) -> int:
+    """Requests one `direct` replica admits, running and waiting; GuardMiddleware answers 503 beyond it."""
+    return entry.max_ongoing_requests + entry.max_queued_requests
+
+
+def llm_config(entry: ModelEntry, accelerator: str, direct: bool = False):
+    """ray.serve.llm's LLMConfig for one model entry; `direct`: for an engine replica that is the ingress itself."""
     from ray.serve.llm import LLMConfig
 
     on_cpu = accelerator == "cpu"
@@ -282,14 +318,20 @@ def llm_config(entry: ModelEntry, accelerator: str):
                          enforce_eager=on_cpu)
     if entry.lora_path is not None:
         engine_kwargs |= dict(enable_lora=True, max_loras=entry.max_loras, max_lora_rank=entry.max_lora_rank)
+    deployment = dict(autoscaling_config=entry.autoscaling.model_dump(exclude_none=True),
+                      max_ongoing_requests=entry.max_ongoing_requests, max_queued_requests=entry.max_queued_requests)
+    if direct:
+        # Serve's own gate would hold requests before they reach GuardMiddleware (and answers a full queue in plain
+        # text), so it is opened wide; the guard admits `max_ongoing + max_queued`, and vLLM runs max_ongoing of
+        # them at once (max_num_seqs) and queues the rest.
+        engine_kwargs["max_num_seqs"] = entry.max_ongoing_requests
+        deployment |= dict(max_ongoing_requests=2 * direct_admission_limit(entry), max_queued_requests=-1)
     engine_kwargs |= entry.engine_kwargs
-    scaling = entry.autoscaling.model_dump(exclude_none=True)
     options: dict[str, Any] = dict(
         model_loading_config=dict(model_id=entry.id, model_source=entry.path),
         engine_kwargs=engine_kwargs,
         experimental_configs=dict(stream_batching_interval_ms=entry.stream_batching_interval_ms),
-        deployment_config=dict(autoscaling_config=scaling, max_ongoing_requests=entry.max_ongoing_requests,
-                               max_queued_requests=entry.max_queued_requests),
+        deployment_config=deployment,
     )
     if on_cpu:
         # ray.serve.llm asks for a GPU per replica unless told (STACK.md trap 5). It also adds the replica actor's
@@ -304,7 +346,7 @@ def llm_config(entry: ModelEntry, accelerator: str):
 
 
 def _llm_server_class():
-    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer, _add_middleware_to_built_app
     from ray.llm._internal.serve.utils.batcher import Batcher
 
     class FirstChunkNowBatcher(Batcher):
@@ -344,9 +386,22 @@ def _llm_server_class():
                     self.read_task.cancel()
 
     class RayloopLLMServer(LLMServer):
-        """ray.serve.llm's LLMServer with `FirstChunkNowBatcher` for its streams."""
+        """ray.serve.llm's LLMServer with `FirstChunkNowBatcher` for its streams, and, where it is the ingress
+        itself (`ingress: direct`), `GuardMiddleware` in front of vLLM's own OpenAI app."""
 
         batcher_cls = FirstChunkNowBatcher
+
+        async def __init__(self, llm_config, *, http_guard: dict | None = None, **kwargs):
+            self._http_guard = http_guard  # GuardMiddleware's arguments, given by build_app for `direct`
+            await super().__init__(llm_config, **kwargs)
+
+        async def __serve_build_asgi_app__(self):
+            # ray.serve.llm offers no hook for this: vLLM's app has no API-key check of ours (its own --api-key
+            # compares the key itself, which would then have to live in the cluster), no body cap, no OpenAI-shaped
+            # 503. Serve's own answer to a full queue is plain text, so the guard admits requests itself.
+            app = await super().__serve_build_asgi_app__()
+            _add_middleware_to_built_app(app, GuardMiddleware, **self._http_guard)
+            return app
 
         def _batch_output_stream(self, generator):
             return self.batcher_cls(generator, interval_ms=self._get_batch_interval_ms()).stream()
@@ -402,8 +457,16 @@ def build_app(args: ServeAppConfig | dict):
                              f"auth.api_key_file (auth.enabled=false opens the endpoint to anyone)")
         digest = key_digest(key)
 
-    configs = [llm_config(m, cfg.accelerator) for m in cfg.models]
+    direct = cfg.direct_ingress()
+    configs = [llm_config(m, cfg.accelerator, direct=direct) for m in cfg.models]
     server_cls = _llm_server_class()
+    if direct:
+        # ray.serve.llm's direct streaming (RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING) builds this shape too, but puts
+        # its own request router in front, an HTTP hop per request that HAProxy's balancing already covers.
+        guard = dict(key_sha256=digest, max_request_bytes=cfg.max_request_bytes,
+                     max_in_flight=direct_admission_limit(cfg.models[0]))
+        return build_llm_deployment(configs[0], deployment_cls=serve.ingress()(server_cls),
+                                    name_prefix="LLMServer:", bind_kwargs={"http_guard": guard})
     # ray.serve.llm's own deployment names ("LLMServer:<model id>"), not the subclass's.
     deployments = {c.model_id: build_llm_deployment(c, deployment_cls=server_cls, name_prefix="LLMServer:")
                    for c in configs}

