@@ -8,6 +8,8 @@ Either way the live `rayloop` source travels to every worker as a `py_modules` e
 merged by Ray with the job's own (`--working-dir .` brings `jobs/` and `serve/`). An edit made after `pip install
 -e .` is what the workers run, on this machine and on a cluster whose nodes never installed rayloop.
 Token authentication is Ray's default in 2.60 and is left on: nothing here sets RAY_AUTH_MODE.
+Serve's HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`, read where Ray starts) is the caller's choice; cluster.yaml and the
+integration tests turn it on. A local Ray started with it gets one HAProxy thread per two cores.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def init_ray(cfg: RaySection | None = None):
     if address:
         log.info("joining Ray cluster at %s", address)
         return ray.init(address=address, runtime_env=runtime_env(), logging_level=logging.WARNING)
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        # HAProxy's default is 4 threads. On 2 cores: 0.29 CPU-s per 200 streamed requests at 4, 0.13 at 1, and
+        # bench/serve.py's ratio to vLLM's own server 0.91 -> 0.95 (one run each). Ray reads it where it starts.
+        os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
     return ray.init(
         # "local": always a new cluster. Without it ray.init() joins whatever /tmp/ray/ray_current_cluster names,
         # even a head that has since died. A running cluster is joined on purpose, with RAY_ADDRESS=auto.
