@@ -3,6 +3,7 @@
     RAYLOOP_API_KEY=... python -m serve.deploy --model ~/rayloop-runs/sft-tiny
     RAYLOOP_API_KEY=... python -m serve.deploy --config serve/configs/deploy_tiny.yaml
     ray job submit --working-dir . -- python -m serve.deploy --model /shared/runs/sft-tiny --ray.address auto
+    RAY_SERVE_ENABLE_HA_PROXY=1 RAYLOOP_API_KEY=... python -m serve.deploy --model ...   # HAProxy: `direct` shape
 
 Then any OpenAI client: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=<key>)`.
 With `RAY_ADDRESS` set (a cluster, or inside `ray job submit`) it deploys, waits for the first token and returns:

@@ -56,8 +56,8 @@ def init_ray(cfg: RaySection | None = None):
         log.info("joining Ray cluster at %s", address)
         return ray.init(address=address, runtime_env=runtime_env(), logging_level=logging.WARNING)
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        # HAProxy's default is 4 threads. On 2 cores: 0.29 CPU-s per 200 streamed requests at 4, 0.13 at 1, and
-        # bench/serve.py's ratio to vLLM's own server 0.91 -> 0.95 (one run each). Ray reads it where it starts.
+        # HAProxy's default is 4 threads. On 2 cores they cost 0.29 CPU-s per 200 streamed requests, one thread
+        # 0.13-0.16 (bench/serve.py), CPU the engine gets instead. Ray reads it where it starts.
         os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
     return ray.init(
         # "local": always a new cluster. Without it ray.init() joins whatever /tmp/ray/ray_current_cluster names,
