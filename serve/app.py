@@ -93,10 +93,11 @@ class ModelEntry(Section):
     kv_cache_fraction: float = Field(default=0.05, gt=0, le=0.95)
     """vLLM's gpu_memory_utilization: of the GPU's memory, or on CPU of the NUMA node's memory (STACK.md trap 2)."""
     stream_batching_interval_ms: float = Field(default=200, gt=0)
-    """`openai` shape: how long a replica gathers streamed tokens before sending them on as one message
-    (ray.serve.llm's `stream_batching_interval_ms`; its default is 50; `direct` streams token by token). Every message costs a trip through the ingress and the proxy:
-    on 2 CPU cores, 16 streams, 200 ms gave ~1200-1380 output tokens/s against 1010 at 50 ms (1372 at 1000 ms).
-    The first chunk of a stream is not held back (see `_llm_server_class`). Lower it for smoother streams."""
+    """`openai` shape only (`direct` streams token by token): how long a replica gathers streamed tokens before
+    sending them on as one message (ray.serve.llm's `stream_batching_interval_ms`; its default is 50). Every message
+    costs a trip through the ingress and the proxy: on 2 CPU cores, 16 streams, 200 ms gave ~1200-1380 output
+    tokens/s against 1010 at 50 ms (1372 at 1000 ms). The first chunk of a stream is not held back (see
+    `_llm_server_class`). Lower it for smoother streams."""
     engine_kwargs: dict[str, Any] = {}
     """Any further vLLM engine argument, as is (e.g. tensor_parallel_size, enable_prefix_caching)."""
 

@@ -4,9 +4,9 @@ import pytest
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the integration tests that share it, started as every job starts it."""
-    import ray
-
     import os
+
+    import ray
 
     from rayloop.cluster import init_ray
 
