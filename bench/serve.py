@@ -155,7 +155,7 @@ def bench_transformers(model_dir: str, prompts: list[list[int]], output_tokens: 
 
 @contextlib.contextmanager
 def vllm_server(model_dir: str, args):
-    """vLLM's own OpenAI server on the model, started and answering /health; yields its base URL and seconds to that."""
+    """vLLM's own OpenAI server on the model, answering /health; yields its base URL and seconds until then."""
     port, base = 8100, "http://127.0.0.1:8100"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
