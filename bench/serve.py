@@ -160,7 +160,7 @@ def vllm_server(model_dir: str, args):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
                "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-               "--gpu-memory-utilization", str(args.kv_cache_fraction)]
+               "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)]
     if not args.gpu:
         command.append("--enforce-eager")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -178,7 +178,7 @@ def app_config(model_dir: str, args, autoscaling: dict):
     return ServeAppConfig.model_validate({
         "accelerator": "gpu" if args.gpu else "cpu",
         "models": [{"id": "bench", "path": model_dir, "dtype": args.dtype, "max_model_len": args.max_model_len,
-                    "kv_cache_fraction": args.kv_cache_fraction, "max_ongoing_requests": 64,
+                    "kv_cache_memory_bytes": args.kv_cache_memory_bytes, "max_ongoing_requests": 64,
                     "max_queued_requests": 1024, "autoscaling": autoscaling}],
         "ingress": args.ingress,
     })
@@ -324,7 +324,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--kv-cache-fraction", type=float, default=0.1)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20, help="KV cache per engine, bytes")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--step-low-s", type=float, default=15)
     parser.add_argument("--step-high-s", type=float, default=90)

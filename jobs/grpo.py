@@ -88,7 +88,7 @@ def main(cfg: GRPOJobConfig) -> dict:
     sampling = GenerateSection(max_tokens=cfg.rollout.max_completion_length, temperature=cfg.rollout.temperature,
                                samples_per_prompt=cfg.eval_samples, dtype="auto" if use_gpu else "float32",
                                max_model_len=cfg.rollout.max_model_len,
-                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+                               kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
     summary["sampled_exact_match"] = compare_sampled_exact_match(cfg.model.name_or_path, summary["model_dir"],
                                                                  examples, sampling, use_gpu=use_gpu)
     print(f"{cfg.algorithm}: step {summary.get('step')}, reward {summary.get('reward', float('nan')):.3f}, "

@@ -24,9 +24,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 
-from rayloop.config import Section
+from rayloop.config import MiB, Section
 
 DEFAULT_KEY_ENV = "RAYLOOP_API_KEY"
 
@@ -90,8 +90,10 @@ class ModelEntry(Section):
     """Largest adapter rank accepted."""
     cpus_per_replica: int = Field(default=1, ge=1)
     """Ray logical CPUs one engine replica takes (CPU accelerator)."""
-    kv_cache_fraction: float = Field(default=0.05, gt=0, le=0.95)
-    """vLLM's gpu_memory_utilization: of the GPU's memory, or on CPU of the NUMA node's memory (STACK.md trap 2)."""
+    kv_cache_memory_bytes: ByteSize = ByteSize(256 * MiB)
+    """KV cache of each engine replica, in bytes (`268435456`, `256MiB`, `16GiB`). A size, not vLLM's
+    gpu_memory_utilization: on CPU that fraction is of the NUMA node's memory less the engine's own, so one value
+    deploys on one machine and fails on the next."""
     stream_batching_interval_ms: float = Field(default=200, gt=0)
     """`openai` shape only (`direct` streams token by token): how long a replica gathers streamed tokens before
     sending them on as one message (ray.serve.llm's `stream_batching_interval_ms`; its default is 50). Every message
@@ -314,7 +316,7 @@ def llm_config(entry: ModelEntry, accelerator: str, direct: bool = False):
 
     on_cpu = accelerator == "cpu"
     engine_kwargs = dict(dtype=entry.dtype, max_model_len=entry.max_model_len,
-                         gpu_memory_utilization=entry.kv_cache_fraction,
+                         kv_cache_memory_bytes=int(entry.kv_cache_memory_bytes),
                          # CUDA graphs and torch.compile cost minutes of start-up on CPU for nothing on tiny models.
                          enforce_eager=on_cpu)
     if entry.lora_path is not None:

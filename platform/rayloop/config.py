@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 C = TypeVar("C", bound="Section")
+MiB = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -190,8 +191,10 @@ class GenerateSection(Section):
     """Completions sampled per prompt (vLLM's `n`)."""
     max_model_len: int = Field(default=256, ge=16)
     """Context length vLLM reserves KV cache for."""
-    gpu_memory_utilization: float = Field(default=0.25, gt=0, le=1)
-    """vLLM's memory fraction. On CPU it is a fraction of the NUMA node's memory (STACK.md trap 2): keep it low."""
+    kv_cache_memory_bytes: ByteSize = ByteSize(256 * MiB)
+    """vLLM's KV cache, in bytes (`268435456`, or `256MiB`, `2GiB`). A size, not vLLM's gpu_memory_utilization:
+    on CPU that fraction is of the NUMA node's memory less the engine's own, so one value starts on one machine
+    and fails on the next."""
     dtype: str = "auto"
     """vLLM weight dtype (`auto`, `bfloat16`, `float32`)."""
     enforce_eager: bool = True

@@ -16,7 +16,7 @@ def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> l
         model=model_dir,
         dtype=gen.dtype,
         max_model_len=gen.max_model_len,
-        gpu_memory_utilization=gen.gpu_memory_utilization,
+        kv_cache_memory_bytes=int(gen.kv_cache_memory_bytes),
         enforce_eager=gen.enforce_eager,
         seed=0,
     )

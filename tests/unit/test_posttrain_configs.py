@@ -91,3 +91,16 @@ def test_schedule_reaches_the_trl_arguments(model_dir, tmp_path):
     assert training_arguments(grpo(model_dir), str(tmp_path), bf16=False)["lr_scheduler_type"] == "cosine"
     with pytest.raises(ConfigError, match="optim.schedule"):
         grpo(model_dir, "--optim.schedule=linear")
+
+
+def test_colocated_vllm_gets_its_kv_cache_in_bytes(model_dir):
+    import trl.generation.vllm_generation as vllm_generation
+
+    from rayloop.posttrain import colocated_vllm_options, online_generation_arguments
+
+    cfg = grpo(model_dir, "--rollout.kv_cache_memory_bytes=96MiB")
+    assert "vllm_gpu_memory_utilization" not in online_generation_arguments(cfg.rollout)
+    with colocated_vllm_options(cfg.rollout, bf16=False):
+        assert vllm_generation.LLM.keywords["kv_cache_memory_bytes"] == 96 << 20
+        assert vllm_generation.LLM.keywords["dtype"] == "float32"
+    assert not hasattr(vllm_generation.LLM, "keywords")  # restored

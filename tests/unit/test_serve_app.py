@@ -289,3 +289,13 @@ def test_stream_batcher_passes_errors_and_unbatched_streams_through():
             yield chunk
 
     assert asyncio.run(collect(three(), 0)) == [["a"], ["b"], ["c"]]  # interval 0: every chunk on its own
+
+
+def test_kv_cache_is_a_byte_size_never_a_memory_fraction(model_dir):
+    entry = ModelEntry(id="m", path=str(model_dir), kv_cache_memory_bytes="64MiB")
+    kwargs = llm_config(entry, "cpu").engine_kwargs
+    assert kwargs["kv_cache_memory_bytes"] == 64 << 20
+    assert "gpu_memory_utilization" not in kwargs  # on CPU a fraction of the NUMA node: differs between machines
+    assert llm_config(ModelEntry(id="m", path=str(model_dir)), "cpu").engine_kwargs["kv_cache_memory_bytes"] == 256 << 20
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
+        ModelEntry(id="m", path=str(model_dir), kv_cache_memory_bytes="a lot")
