@@ -42,6 +42,7 @@ def build_trainer(cfg: DPOJobConfig, model_dir: str, args: dict):
 
 def main(cfg: DPOJobConfig) -> dict:
     from jobs import dpo
+    from rayloop import storage
     from rayloop.evaluate import compare_exact_match, describe, on_ray, paired_difference, preference_scores
     from rayloop.posttrain import fit
     from rayloop.tasks import ArithmeticTask
@@ -55,6 +56,7 @@ def main(cfg: DPOJobConfig) -> dict:
                                                  use_gpu=gpu)
     print(f"dpo: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}; "
           f"{describe('exact match', summary['exact_match'])}; model at {summary['model_dir']}")
+    storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 
 

@@ -75,6 +75,7 @@ def build_trainer(cfg: GRPOJobConfig, model_dir: str, args: dict):
 
 def main(cfg: GRPOJobConfig) -> dict:
     from jobs import grpo
+    from rayloop import storage
     from rayloop.config import GenerateSection
     from rayloop.evaluate import compare_exact_match, compare_sampled_exact_match, describe
     from rayloop.posttrain import fit
@@ -95,6 +96,7 @@ def main(cfg: GRPOJobConfig) -> dict:
           f"{describe('held-out exact match (greedy)', summary['exact_match'])}; "
           f"{describe(f'sampled at temperature {cfg.rollout.temperature}', summary['sampled_exact_match'])}, "
           f"model at {summary['model_dir']}")
+    storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 
 

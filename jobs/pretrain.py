@@ -11,7 +11,6 @@ the packed corpus, and the final weights come back as an HF folder in a Ray Trai
 from __future__ import annotations
 
 import math
-import os
 import time
 
 from pydantic import Field, model_validator
@@ -113,12 +112,14 @@ def train_loop(loop_config: dict) -> None:
 
     from rayloop.data import load_documents, pack_blocks
     from rayloop.models import load_model
-    from rayloop.tracking import Tracker, plot_curves
-    from rayloop.train import deepspeed_config, restore_checkpoint, save_checkpoint, shard_blocks
+    from rayloop.tracking import Tracker, log_dir_for, plot_curves, sync_logs
+    from rayloop.train import deepspeed_config, restore_checkpoint, save_checkpoint, shard_blocks, worker_nodes
 
     cfg: PretrainConfig = loop_config["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = cfg.storage.run_dir()
+    log_dir = log_dir_for(run_dir)
 
     model, tokenizer = load_model(loop_config["model_dir"])
     train_docs, eval_docs = load_documents(cfg.data, cfg.task)
@@ -138,7 +139,8 @@ def train_loop(loop_config: dict) -> None:
     start_step = state["step"]
     if start_step:
         state["resumed_from_step"] = start_step
-    tracker = Tracker(loop_config["log_dir"], total_steps=cfg.train.steps, initial_step=start_step,
+    state["worker_nodes"] = worker_nodes()  # this attempt's, reported with each checkpoint
+    tracker = Tracker(log_dir, total_steps=cfg.train.steps, initial_step=start_step,
                       history=state["history"], enabled=rank == 0, description=f"pretrain {cfg.storage.name}")
 
     tokens, started = 0, time.perf_counter()
@@ -168,48 +170,60 @@ def train_loop(loop_config: dict) -> None:
         state.update(step=step, history=tracker.history)
         first_attempt = state["resumed_from_step"] == 0
         delay = 30.0 if first_attempt and step == cfg.train.fault_delay_checkpoint_step else 0.0
-        summary = {k: state[k] for k in ("eval_loss_before", "resumed_from_step")}
-        if step == cfg.train.steps and rank == 0:
-            plot_curves(tracker.history, ["loss", "eval_loss"], f"{loop_config['log_dir']}/loss.png",
-                        title=f"pretrain {cfg.storage.name}")
+        summary = {k: state[k] for k in ("eval_loss_before", "resumed_from_step", "worker_nodes")}
+        if rank == 0:
+            if step == cfg.train.steps:
+                plot_curves(tracker.history, ["loss", "eval_loss"], f"{log_dir}/loss.png",
+                            title=f"pretrain {cfg.storage.name}")
+            tracker.flush()
+            sync_logs(log_dir, run_dir)
         save_checkpoint(engine, tokenizer, metrics | summary, state, delay_s=delay)
     tracker.close()
 
 
 def prepare_model(cfg: PretrainConfig) -> str:
-    """The starting HF folder: a local one as given, or a preset built once per run, its tokenizer trained on the
-    training documents. (On a multi-node cluster the run folder must be shared storage for workers to read it.)"""
-    from pathlib import Path
+    """The starting HF folder: the one configured, or a preset built once per run into the run's storage (its
+    tokenizer trained on the training documents), where every worker node can read it."""
+    import tempfile
 
+    from rayloop import storage
     from rayloop.data import load_documents
     from rayloop.models import PRESETS, create_model_folder
 
     if cfg.model.name_or_path not in PRESETS:
         return cfg.model.name_or_path
-    folder = Path(cfg.storage.local_dir("base_model"))
-    if not (folder / "config.json").is_file():
-        create_model_folder(cfg.model.name_or_path, load_documents(cfg.data, cfg.task)[0], folder,
-                            vocab_size=cfg.model.vocab_size, seed=cfg.model.seed)
-    return str(folder)
+    folder = cfg.storage.run_path("base_model")
+    if storage.is_file(storage.join(folder, "config.json")):
+        return folder
+    documents = load_documents(cfg.data, cfg.task)[0]
+    if not storage.is_uri(folder):
+        create_model_folder(cfg.model.name_or_path, documents, folder, vocab_size=cfg.model.vocab_size,
+                            seed=cfg.model.seed)
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        local = create_model_folder(cfg.model.name_or_path, documents, f"{tmp}/base_model",
+                                    vocab_size=cfg.model.vocab_size, seed=cfg.model.seed)
+        # config.json last: its presence is what says that the folder is complete.
+        for file in sorted(local.iterdir(), key=lambda f: f.name == "config.json"):
+            storage.upload(file, storage.join(folder, file.name))
+    return folder
 
 
 def main(cfg: PretrainConfig) -> dict:
     """Train (or resume the run of the same name); return the final metrics and the final HF folder's path."""
-    import shutil
-
+    from rayloop import storage
     from rayloop.cluster import init_ray
-    from rayloop.train import make_trainer
+    from rayloop.train import final_checkpoint, make_trainer
 
     model_dir = prepare_model(cfg)
-    log_dir = cfg.storage.local_dir("tensorboard")
     init_ray(cfg.ray)
-    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": model_dir, "log_dir": log_dir},
+    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": model_dir},
                            scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
                            num_to_keep=cfg.train.keep_checkpoints)
     result = trainer.fit()
-    summary = {**result.metrics, "model_dir": f"{result.checkpoint.path}/hf"}
-    if "://" not in result.checkpoint.path and os.path.exists(f"{log_dir}/loss.png"):
-        shutil.copy(f"{log_dir}/loss.png", f"{result.checkpoint.path}/loss.png")  # beside the final checkpoint
+    checkpoint = final_checkpoint(result, cfg.storage, plot="loss.png")
+    summary = {**result.metrics, "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "hf")}
+    storage.write_json(cfg.storage.run_path("results.json"), summary)
     resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
     print(f"pretrain: step {summary['step']}{resumed}, eval loss {summary['eval_loss_before']:.3f} -> "
           f"{summary['eval_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s, model at {summary['model_dir']}")

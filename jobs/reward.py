@@ -45,12 +45,14 @@ def build_trainer(cfg: RewardJobConfig, model_dir: str, args: dict):
 
 def main(cfg: RewardJobConfig) -> dict:
     from jobs import reward
+    from rayloop import storage
     from rayloop.posttrain import fit
 
     summary = fit(cfg, reward.build_trainer, plot_keys=["accuracy", "eval_accuracy"], plot_name="accuracy")
     print(f"reward: step {summary.get('step')}, held-out preference accuracy "
           f"{summary.get('eval_accuracy', float('nan')):.1%} on {cfg.task.num_eval} pairs, "
           f"model at {summary['model_dir']}")
+    storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 
 

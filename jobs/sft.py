@@ -63,6 +63,7 @@ def build_trainer(cfg: SFTJobConfig, model_dir: str, args: dict):
 
 def main(cfg: SFTJobConfig) -> dict:
     from jobs import sft
+    from rayloop import storage
     from rayloop.evaluate import compare_exact_match, describe
     from rayloop.posttrain import fit
     from rayloop.tasks import ArithmeticTask
@@ -72,6 +73,7 @@ def main(cfg: SFTJobConfig) -> dict:
                                                  ArithmeticTask(cfg.task).eval_examples(), use_gpu=cfg.scaling.use_gpu)
     print(f"sft: step {summary.get('step')}, {describe('held-out exact match', summary['exact_match'])}, "
           f"model at {summary['model_dir']}")
+    storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -37,6 +38,8 @@ class DeployConfig(ServeAppConfig):
     """Address Serve's HTTP proxy binds to. Loopback by default; `0.0.0.0` exposes it (on a cluster, on purpose)."""
     port: int = Field(default=8000, ge=1, le=65535)
     """Port of Serve's HTTP proxy."""
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
+    """Where Serve runs HTTP proxies: on the head only, or on every node (behind a cluster's load balancer)."""
     name: str = "rayloop"
     """Serve application name (deploying again under the same name updates it in place)."""
     route_prefix: str = "/"
@@ -101,7 +104,7 @@ def main(cfg: DeployConfig) -> dict:
     t0 = time.monotonic()
     init_ray(cfg.ray)  # first: building the app would otherwise start a default-sized Ray on its own
     app = build_app(args)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location)
     serve.run(app, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     base_url = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"

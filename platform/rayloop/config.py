@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 C = TypeVar("C", bound="Section")
 MiB = 1 << 20
@@ -45,7 +46,8 @@ class RaySection(Section):
 
 class ModelSection(Section):
     name_or_path: str = "tiny"
-    """A preset (`tiny`, `small`, `125m`) built locally from scratch, or a local HF model folder."""
+    """A preset (`tiny`, `small`, `125m`) built locally from scratch, or an HF model folder: local, in storage
+    (`s3://...`), a checkpoint of a rayloop job or a run folder (its newest registered checkpoint)."""
     vocab_size: int = Field(default=512, ge=300)
     """Target vocabulary of the byte-level BPE tokenizer trained for a preset (ignored for HF folders)."""
     seed: int = 0
@@ -54,16 +56,14 @@ class ModelSection(Section):
     @field_validator("name_or_path")
     @classmethod
     def _preset_or_folder(cls, value: str) -> str:
-        from rayloop.models import PRESETS  # local: models imports torch, configs stay cheap to load
+        from rayloop.models import PRESETS, resolve_model_folder  # local: models imports torch lazily
 
         if value in PRESETS:
             return value
-        path = Path(value).expanduser()
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"{value!r} is neither a preset ({', '.join(PRESETS)}) nor a local HF folder with config.json"
-            )
-        return str(path.resolve())
+        try:
+            return resolve_model_folder(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is neither a preset ({', '.join(PRESETS)}) nor a model: {exc}") from None
 
 
 class StartModelSection(Section):
@@ -125,6 +125,9 @@ class ScalingSection(Section):
     """Give each worker a GPU (NCCL); otherwise CPU workers (gloo)."""
     cpus_per_worker: float = Field(default=1, gt=0)
     """Logical CPUs reserved for each worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes (Ray Train's ScalingConfig): `PACK` fills few nodes, `SPREAD` one
+    worker per node where it can; the STRICT_ forms fail rather than do otherwise."""
 
 
 class DeepSpeedSection(Section):
@@ -164,22 +167,33 @@ class OptimSection(Section):
 
 class StorageSection(Section):
     path: str = "~/rayloop-runs"
-    """Where runs and checkpoints go: a local folder (shared by all nodes on a cluster) or `s3://bucket/prefix`."""
+    """Where runs go: a local folder (on a cluster, a mount that every node shares) or object storage,
+    `s3://bucket/prefix` (S3-compatible endpoints through `AWS_ENDPOINT_URL` and the other standard AWS variables).
+    A run keeps everything under `<path>/<name>`: checkpoints, the base model, TensorBoard logs, PNG curves,
+    results. Workers and replicas read from there, never from the driver's disk."""
     name: str | None = None
     """Run name: the folder under `path`; default the job's name. Running a job again with the same name resumes it."""
 
+    @field_validator("path")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else None
+        if scheme not in (None, "s3", "gs", "gcs", "file"):
+            raise ValueError(f"{value!r}: use a local folder, a shared mount, or s3:// (or gs://)")
+        return value.rstrip("/") if scheme else value
+
     def run_dir(self) -> str:
+        """This run's folder: an absolute local path or a URI."""
+        from rayloop import storage
+
         if self.name is None:
             raise ValueError("storage.name is unset (a JobConfig sets it to the job's name)")
-        if "://" in self.path:
-            return f"{self.path.rstrip('/')}/{self.name}"
-        return str(Path(self.path).expanduser().resolve() / self.name)
+        return storage.join(storage.normalize(self.path), self.name)
 
-    def local_dir(self, sub: str) -> str:
-        """A folder of this run on local disk: under the run folder, or ~/rayloop-runs/<name> when storage is
-        remote (TensorBoard writes event files locally)."""
-        base = Path("~/rayloop-runs").expanduser() / self.name if "://" in self.path else Path(self.run_dir())
-        return str(base / sub)
+    def run_path(self, *parts: str) -> str:
+        from rayloop import storage
+
+        return storage.join(self.run_dir(), *parts)
 
 
 class GenerateSection(Section):

@@ -125,25 +125,46 @@ def create_model_folder(preset: str, texts: Iterable[str], out_dir: str | os.Pat
 
 
 def load_model(path: str | os.PathLike, dtype=None):
-    """Model and tokenizer from an HF folder (no hub access)."""
+    """Model and tokenizer from an HF folder, local or in storage (copied to this node's cache); no hub access."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rayloop.storage import local_copy
+
+    path = local_copy(str(path))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model, tokenizer
 
 
+def latest_registered_checkpoint(run_dir: str) -> str | None:
+    """The newest checkpoint that Ray Train registered in a run folder (local or a URI), from Ray Train's own record
+    of the run (`Result.from_path`); None when `run_dir` is no Ray Train run or holds no checkpoint yet.
+
+    A `checkpoint_*` folder that a crash left half-written is in storage but not in that record, so it never wins."""
+    from rayloop import storage
+
+    if not storage.is_file(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
+        return None
+    from ray.train import Result
+
+    result = Result.from_path(run_dir)
+    if result.checkpoint is None:
+        return None
+    return storage.join(run_dir, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+
+
 def resolve_model_folder(path: str | os.PathLike) -> str:
-    """The HF folder behind `path`: the folder itself, a Ray Train checkpoint of a rayloop job (its `hf/` or TRL's
-    `checkpoint/`), or a run folder (its newest checkpoint). Raises ValueError saying what was looked for."""
-    root = Path(path).expanduser().resolve()
-    for candidate in (root, root / "hf", root / "checkpoint"):
-        if (candidate / "config.json").is_file():
-            return str(candidate)
-    # Ray Train names checkpoints checkpoint_<timestamp>: the name order is the time order.
-    for checkpoint in sorted(root.glob("checkpoint_*"), reverse=True):
-        for candidate in (checkpoint / "hf", checkpoint / "checkpoint"):
-            if (candidate / "config.json").is_file():
-                return str(candidate)
+    """The HF folder behind `path`, a local path or a URI (`s3://...`): the folder itself, a Ray Train checkpoint of
+    a rayloop job (its `hf/` or TRL's `checkpoint/`), or a run folder (its newest registered checkpoint). Raises
+    ValueError saying what was looked for."""
+    from rayloop import storage
+
+    root = storage.normalize(path)
+    for checkpoint in (root, latest_registered_checkpoint(root)):
+        if checkpoint is None:
+            continue
+        for candidate in (checkpoint, storage.join(checkpoint, "hf"), storage.join(checkpoint, "checkpoint")):
+            if storage.is_file(storage.join(candidate, "config.json")):
+                return candidate
     raise ValueError(f"no model at {str(path)!r}: expected an HF folder (config.json), a checkpoint holding hf/ or "
-                     f"checkpoint/, or a run folder with checkpoint_* folders")
+                     f"checkpoint/, or a Ray Train run folder with a registered checkpoint")

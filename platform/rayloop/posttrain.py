@@ -363,22 +363,28 @@ def train_loop(loop_config: dict) -> None:
 
     from rayloop.train import use_bf16
 
+    from rayloop.storage import local_copy
+    from rayloop.tracking import log_dir_for, sync_logs
+
     cfg: PostTrainConfig = loop_config["cfg"]
     rank = ray.train.get_context().get_world_rank()
-    log_dir = loop_config["log_dir"]
+    run_dir = cfg.storage.run_dir()
+    log_dir = log_dir_for(run_dir)
     os.environ["TENSORBOARD_LOGGING_DIR"] = log_dir  # transformers' TensorBoardCallback reads it (rank 0 writes)
     output_dir = tempfile.mkdtemp(prefix=f"rayloop-{cfg.storage.name}-rank{rank}-")
     bf16 = use_bf16(cfg.deepspeed, cfg.scaling.use_gpu)
     args = training_arguments(cfg, output_dir, bf16=bf16)
-    trainer = loop_config["build_trainer"](cfg, loop_config["model_dir"], args)
+    # The starting model from storage, through this node's cache: nodes share no disk with the driver.
+    trainer = loop_config["build_trainer"](cfg, local_copy(loop_config["model_dir"]), args)
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()
     # TensorBoard's callback goes last, so that it writes the figures ours add to the logs (step_seconds, time/*).
     tensorboard = trainer.pop_callback(TensorBoardCallback)
-    for callback in [RayTrainReportCallback(), *_callbacks(cfg, log_dir, resumed=checkpoint is not None)]:
-        trainer.add_callback(callback)
+    callbacks = [RayTrainReportCallback(), *_callbacks(cfg, log_dir, resumed=checkpoint is not None)]
     if tensorboard is not None:
-        trainer.add_callback(tensorboard)
+        callbacks += [tensorboard, _sync_logs_callback(tensorboard, log_dir, run_dir)]
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if checkpoint is None:
         trainer.train()
     else:
@@ -394,6 +400,23 @@ def train_loop(loop_config: dict) -> None:
                     history.setdefault(key, []).append((entry.get("step", 0), value))
         plot_curves(history, loop_config["plot_keys"], f"{log_dir}/{loop_config['plot_name']}.png",
                     title=f"{cfg.job_name} {cfg.storage.name}")
+        sync_logs(log_dir, run_dir)
+
+
+def _sync_logs_callback(tensorboard, log_dir: str, run_dir: str):
+    """A callback that copies rank 0's TensorBoard files to the run in storage at every checkpoint."""
+    from transformers import TrainerCallback
+
+    from rayloop.tracking import sync_logs
+
+    class SyncLogs(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                if getattr(tensorboard, "tb_writer", None) is not None:
+                    tensorboard.tb_writer.flush()
+                sync_logs(log_dir, run_dir)
+
+    return SyncLogs()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,25 +427,17 @@ def train_loop(loop_config: dict) -> None:
 def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *, plot_keys: list[str],
         plot_name: str) -> dict[str, Any]:
     """Run `build_trainer`'s trainer on Ray Train (resuming a run of the same name); return the last reported
-    metrics plus `model_dir`, the final checkpoint's HF folder."""
-    import shutil
-
+    metrics plus `checkpoint` and `model_dir` (the final checkpoint and its HF folder, local paths or URIs)."""
+    from rayloop import storage
     from rayloop.cluster import init_ray
-    from rayloop.train import make_trainer
+    from rayloop.train import final_checkpoint, make_trainer
 
-    log_dir = cfg.storage.local_dir("tensorboard")
     init_ray(cfg.ray)
-    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": cfg.model.name_or_path, "log_dir": log_dir,
+    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": cfg.model.name_or_path,
                                         "build_trainer": build_trainer, "plot_keys": plot_keys,
                                         "plot_name": plot_name},
                            scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
                            num_to_keep=cfg.train.keep_checkpoints)
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{cfg.job_name}: the run reported no checkpoint")
-    summary = {**(result.metrics or {}), "checkpoint": result.checkpoint.path,
-               "model_dir": f"{result.checkpoint.path}/checkpoint"}
-    png = f"{log_dir}/{plot_name}.png"
-    if "://" not in result.checkpoint.path and os.path.exists(png):
-        shutil.copy(png, f"{result.checkpoint.path}/{plot_name}.png")
-    return summary
+    checkpoint = final_checkpoint(result, cfg.storage, plot=f"{plot_name}.png")
+    return {**(result.metrics or {}), "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "checkpoint")}

@@ -61,7 +61,10 @@ def integer_format(completions, **_) -> list[float]:
 
 
 def reward_funcs(specs: list[RewardSpec]) -> tuple[list, list[float]]:
-    """TRL's `reward_funcs` (functions, or model folders TRL loads) and `reward_weights`, in the config's order."""
+    """TRL's `reward_funcs` (functions, or model folders TRL loads) and `reward_weights`, in the config's order.
+    Called on the worker: a reward model in storage is copied to this node first."""
+    from rayloop.storage import local_copy
+
     funcs = []
     for spec in specs:
         if spec.name == "exact_match":
@@ -69,5 +72,5 @@ def reward_funcs(specs: list[RewardSpec]) -> tuple[list, list[float]]:
         elif spec.name == "format":
             funcs.append(integer_format)
         else:
-            funcs.append(spec.path)
+            funcs.append(local_copy(spec.path))
     return funcs, [spec.weight for spec in specs]

@@ -47,6 +47,10 @@ class Tracker:
         if self._bar is not None:
             self._bar.update(steps)
 
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -76,3 +80,25 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], keys: list[str], pa
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def log_dir_for(run_dir: str) -> str:
+    """Where this process writes TensorBoard files and PNG curves: the run's `tensorboard/` folder when storage is
+    a local folder or mount, else a folder on this node that `sync_logs` copies to the run in storage (TensorBoard
+    and matplotlib write local files)."""
+    import hashlib
+    import tempfile
+
+    from rayloop import storage
+
+    if not storage.is_uri(run_dir):
+        return storage.join(run_dir, "tensorboard")
+    return os.path.join(tempfile.gettempdir(), "rayloop-logs", hashlib.sha256(run_dir.encode()).hexdigest()[:16])
+
+
+def sync_logs(log_dir: str, run_dir: str) -> None:
+    """Copy this node's log folder to `<run_dir>/tensorboard` when storage is remote (a no-op otherwise)."""
+    from rayloop import storage
+
+    if storage.is_uri(run_dir) and os.path.isdir(log_dir):
+        storage.upload(log_dir, storage.join(run_dir, "tensorboard"))

@@ -13,7 +13,6 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from rayloop.config import DeepSpeedSection, OptimSection, ScalingSection, StorageSection
@@ -101,6 +100,16 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_s
     return _merge(config, ds.overrides)
 
 
+def worker_nodes() -> list[str]:
+    """The Ray node id of every worker, in rank order (every rank must call this)."""
+    import ray
+    import torch.distributed as dist
+
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return nodes
+
+
 def shard_blocks(blocks, rank: int, world_size: int):
     """This worker's rows of a [n, block] tensor: every world_size-th row, the same count on every worker."""
     usable = (len(blocks) // world_size) * world_size
@@ -112,9 +121,11 @@ def shard_blocks(blocks, rank: int, world_size: int):
 def resume_notice(run_dir: str) -> str | None:
     """A line for a run folder that already holds checkpoints: Ray Train restores a run by name, so rerunning a job
     under the same storage.name continues that run (from its newest checkpoint), even after a config change."""
-    if "://" in run_dir or not (Path(run_dir) / "checkpoint_manager_snapshot.json").is_file():
+    from rayloop import storage
+
+    if not storage.is_file(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
         return None
-    name = Path(run_dir).name
+    name = run_dir.rstrip("/").rsplit("/", 1)[-1]
     return (f"{name}: continuing the existing run at {run_dir} from its newest checkpoint "
             f"(Ray Train restores runs by name; --storage.name=<new name> starts afresh)")
 
@@ -137,6 +148,7 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker},
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -145,6 +157,19 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
         ),
     )
+
+
+def final_checkpoint(result, storage_section: StorageSection, plot: str | None = None) -> str:
+    """Where the run's final checkpoint lives, as a local path or a URI with its scheme (Ray Train's
+    `Checkpoint.path` drops the scheme of remote storage); the run's PNG curve `plot` is copied beside it."""
+    from rayloop import storage
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"{storage_section.name}: the run reported no checkpoint")
+    checkpoint = storage_section.run_path(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    if plot is not None and storage.is_file(png := storage_section.run_path("tensorboard", plot)):
+        storage.copy(png, storage.join(checkpoint, plot))
+    return checkpoint
 
 
 def gathered_state_dict(engine) -> dict | None:

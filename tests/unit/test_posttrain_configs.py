@@ -10,6 +10,7 @@ from jobs.dpo import DPOJobConfig
 from jobs.grpo import GRPOJobConfig
 from jobs.reward import RewardJobConfig
 from jobs.sft import SFTJobConfig
+from conftest import register_checkpoints
 from rayloop.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,10 +20,17 @@ def grpo(model_dir, *overrides):
     return load_config(GRPOJobConfig, [f"--model.name_or_path={model_dir}", *overrides])
 
 
-def test_start_model_resolves_run_folder_to_newest_checkpoint(model_dir):
+def test_start_model_resolves_run_folder_to_newest_registered_checkpoint(model_dir):
+    first = model_dir / "checkpoint_2026-01-01_00-00-00.000000" / "checkpoint"
+    # A newer folder that Ray Train never registered, as a crash mid-write leaves it: it must not win.
+    crashed = model_dir / "checkpoint_2026-01-03_00-00-00.000000" / "checkpoint"
+    crashed.mkdir(parents=True)
+    (crashed / "config.json").write_text("{}")
+    assert grpo(model_dir).model.name_or_path == str(first)
     newer = model_dir / "checkpoint_2026-01-02_00-00-00.000000" / "checkpoint"
     newer.mkdir(parents=True)
     (newer / "config.json").write_text("{}")
+    register_checkpoints(model_dir, first.parent.name, newer.parent.name)
     assert grpo(model_dir).model.name_or_path == str(newer)
 
 

@@ -62,4 +62,3 @@ def test_rerunning_a_run_name_says_it_continues_that_run(tmp_path):
     (run / "checkpoint_manager_snapshot.json").write_text("{}")
     notice = resume_notice(str(run))
     assert notice.startswith(f"sft-tiny: continuing the existing run at {run}") and "--storage.name" in notice
-    assert resume_notice("s3://bucket/runs/sft-tiny") is None
