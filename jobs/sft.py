@@ -17,7 +17,8 @@ from rayloop.posttrain import PostTrainConfig
 
 class DatasetSection(Section):
     path: str | None = None
-    """A local dataset (a `datasets.save_to_disk` folder, or .json/.jsonl) in a TRL format; unset: the task's."""
+    """A dataset (a `datasets.save_to_disk` folder, or .json/.jsonl), local or in storage (`s3://...`), in a TRL
+    format; unset: the task's."""
 
 
 class SFTJobConfig(PostTrainConfig):
@@ -28,9 +29,9 @@ class SFTJobConfig(PostTrainConfig):
 
     @model_validator(mode="after")
     def _dataset_exists(self):
-        from pathlib import Path
+        from rayloop import storage
 
-        if self.dataset.path is not None and not Path(self.dataset.path).expanduser().exists():
+        if self.dataset.path is not None and not storage.exists(storage.normalize(self.dataset.path)):
             raise ValueError(f"dataset.path: no such file or folder {self.dataset.path!r}")
         return self
 
@@ -43,7 +44,9 @@ def load_dataset(cfg: SFTJobConfig, examples: list[dict]):
         return datasets.Dataset.from_list(examples)
     from pathlib import Path
 
-    path = Path(cfg.dataset.path).expanduser()
+    from rayloop.storage import local_copy
+
+    path = Path(local_copy(cfg.dataset.path))  # on the worker: from storage, through this node's cache
     if path.is_dir():
         return datasets.load_from_disk(str(path))
     return datasets.load_dataset("json", data_files=str(path), split="train")

@@ -8,6 +8,7 @@ Every section forbids unknown keys and documents each field with the docstring u
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, TypeVar
@@ -99,7 +100,7 @@ class DataSection(Section):
     """`task`: the arithmetic task's corpus and held-out set; `text`: a .txt file or a folder of them (one document
     per non-empty line); `hf`: a local HF dataset folder (`datasets.save_to_disk`)."""
     path: str | None = None
-    """File or folder for `text` and `hf` (on a cluster: a path every node can read)."""
+    """File or folder for `text` and `hf`: local, or in storage (`s3://...`), which every node can read."""
     text_field: str = "text"
     """Column holding the text, for `hf`."""
     eval_fraction: float = Field(default=0.05, gt=0, lt=1)
@@ -113,7 +114,9 @@ class DataSection(Section):
             return self
         if self.path is None:
             raise ValueError(f"data.path is required for data.source={self.source!r}")
-        if not Path(self.path).expanduser().exists():
+        from rayloop import storage
+
+        if not storage.exists(storage.normalize(self.path)):
             raise ValueError(f"data.path: no such file or folder {self.path!r}")
         return self
 
@@ -166,11 +169,12 @@ class OptimSection(Section):
 
 
 class StorageSection(Section):
-    path: str = "~/rayloop-runs"
+    path: str = Field(default_factory=lambda: os.environ.get("RAYLOOP_STORAGE", "~/rayloop-runs"))
     """Where runs go: a local folder (on a cluster, a mount that every node shares) or object storage,
     `s3://bucket/prefix` (S3-compatible endpoints through `AWS_ENDPOINT_URL` and the other standard AWS variables).
     A run keeps everything under `<path>/<name>`: checkpoints, the base model, TensorBoard logs, PNG curves,
-    results. Workers and replicas read from there, never from the driver's disk."""
+    results. Workers and replicas read from there, never from the driver's disk. Default: `$RAYLOOP_STORAGE`
+    (cluster.yaml sets it on every node), else ~/rayloop-runs."""
     name: str | None = None
     """Run name: the folder under `path`; default the job's name. Running a job again with the same name resumes it."""
 
@@ -220,7 +224,7 @@ class JobConfig(Section):
 
     job_name: ClassVar[str]
     ray: RaySection = RaySection()
-    storage: StorageSection = StorageSection()
+    storage: StorageSection = Field(default_factory=StorageSection)
 
     @model_validator(mode="after")
     def _default_run_name(self):
@@ -320,7 +324,8 @@ def describe_fields(cls: type[Section], prefix: str = "") -> list[str]:
         if isinstance(annotation, type) and issubclass(annotation, Section):
             lines += describe_fields(annotation, f"{prefix}{name}.")
         else:
-            lines.append(f"  --{prefix}{name}  (default {field.default!r})  {field.description or ''}".rstrip())
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"  --{prefix}{name}  (default {default!r})  {field.description or ''}".rstrip())
     return lines
 
 

@@ -15,7 +15,9 @@ def load_documents(data: DataSection, task: TaskSection) -> tuple[list[str], lis
 
         arithmetic = ArithmeticTask(task)
         return arithmetic.pretrain_corpus(), [p.text for p in arithmetic.eval_problems]
-    path = Path(data.path).expanduser()
+    from rayloop.storage import local_copy
+
+    path = Path(local_copy(data.path))  # on each worker: from storage, through this node's cache
     if data.source == "text":
         files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
         docs = [line.strip() for f in files for line in f.read_text().splitlines() if line.strip()]

@@ -124,36 +124,44 @@ def cache_root() -> Path:
 
 
 def local_copy(path: str) -> str:
-    """A local folder holding `path`: the path itself when it is local, else a copy in this node's cache.
+    """A local file or folder holding `path`: the path itself when it is local, else a copy in this node's cache.
 
     A local path that is missing here is an error that names the node: on a cluster, storage must be a mount
     every node has, or object storage."""
     if not is_uri(path):
-        if not Path(path).exists():
+        if not Path(path).expanduser().exists():
             raise FileNotFoundError(
-                f"{path} does not exist on node {socket.gethostname()}: a worker reads runs and models from "
+                f"{path} does not exist on node {socket.gethostname()}: a worker reads runs, models and data from "
                 f"storage, so on a cluster storage.path must be a shared mount or s3://")
-        return path
+        return str(Path(path).expanduser())
     target = cache_root() / "storage" / hashlib.sha256(path.encode()).hexdigest()[:24]
-    if (target / ".complete").is_file():
-        return str(target)
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    done = target / ".complete"
+    if done.is_file():
+        return str(target / name) if done.read_text() == "file" else str(target)
     import pyarrow.fs
 
-    if not is_dir(path):
-        raise FileNotFoundError(f"no folder at {path}")
+    kind = _info(path).type
+    if kind == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {path}")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Download beside the target and rename into place: two processes of one node may ask at once.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         fs, inner = filesystem(path)
-        pyarrow.fs.copy_files(inner, str(staging), source_filesystem=fs,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
-        (staging / ".complete").write_text(path)
+        if kind == pyarrow.fs.FileType.File:
+            with fs.open_input_stream(inner) as src, open(staging / name, "wb") as out:
+                shutil.copyfileobj(src, out)
+            (staging / ".complete").write_text("file")
+        else:
+            pyarrow.fs.copy_files(inner, str(staging), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+            (staging / ".complete").write_text("dir")
         try:
             staging.rename(target)
         except OSError:  # another process finished first
-            if not (target / ".complete").is_file():
+            if not done.is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+    return str(target / name) if done.read_text() == "file" else str(target)

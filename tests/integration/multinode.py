@@ -129,6 +129,17 @@ class S3Server:
 
         return self.net.run(list_keys)
 
+    def put_folder(self, local: Path, prefix: str) -> None:
+        def put():
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=self.endpoint, **_credentials())
+            for file in Path(local).rglob("*"):
+                if file.is_file():
+                    client.upload_file(str(file), self.bucket, f"{prefix}/{file.relative_to(local)}")
+
+        self.net.run(put)
+
     def read(self, key: str) -> bytes:
         def get():
             import boto3
@@ -280,7 +291,10 @@ def start_cluster(s3: S3Server, *, workers: int = 2, cpus_per_worker: int = 3) -
     net = s3.net
     temp_dir = tempfile.mkdtemp(prefix="rl-mn-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, **s3.env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "PATH": f"{BIN}:{os.environ['PATH']}", "VLLM_LOGGING_LEVEL": "WARNING"}
+           "PATH": f"{BIN}:{os.environ['PATH']}", "VLLM_LOGGING_LEVEL": "WARNING",
+           # DeepSpeed's CPU comm op, built once with the installed software (as a node image would carry it),
+           # not once per node and test run in each node's private ~/.cache (a minute of compiling on 2 cores).
+           "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)  # Serve's Python proxy on the head: HAProxy would want fixed ports
     gcs_port, dashboard_port = free_port(), free_port()

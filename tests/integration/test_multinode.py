@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -52,6 +53,49 @@ def serve_applications(cluster: Cluster) -> dict:
 def engine_replicas(cluster: Cluster, app: str) -> list[dict]:
     deployments = serve_applications(cluster)[app]["deployments"]
     return [r for name, d in deployments.items() if name.startswith("LLMServer:") for r in d["replicas"]]
+
+
+PROBE = """
+import ray, rayloop, serve
+from rayloop.cluster import init_ray
+
+init_ray()
+
+@ray.remote(num_cpus=0)
+def probe():
+    import rayloop, serve
+    return rayloop.EDIT_MARKER, serve.EDIT_MARKER
+
+nodes = [f"node_name:worker{i}" for i in (1, 2)]
+print("driver", rayloop.EDIT_MARKER, serve.EDIT_MARKER,
+      *["worker " + " ".join(ray.get(probe.options(resources={n: 0.01}).remote())) for n in nodes])
+"""
+
+
+def test_a_submitted_job_runs_the_edited_checkout_on_every_node(cluster, tmp_path):
+    import shutil
+    import uuid
+
+    cluster, _ = cluster
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info"))
+    marker = uuid.uuid4().hex[:12]
+    # Edits made after `pip install -e .` (which points at ROOT, not at this copy): only the upload can carry them,
+    # and the worker nodes cannot see this copy at all.
+    for package in ("platform/rayloop", "serve"):
+        with open(checkout / package / "__init__.py", "a") as f:
+            f.write(f"\nEDIT_MARKER = {marker!r}\n")
+    (checkout / "jobs" / "edit_probe.py").write_text(PROBE)
+    output = cluster.submit(checkout, "python", "-m", "jobs.edit_probe")
+    assert f"driver {marker} {marker} worker {marker} {marker} worker {marker} {marker}" in output, output[-3000:]
+
+    def without_token():
+        try:
+            return urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=10).status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert cluster.net.run(without_token) == 401, "the job API answered a request without the token"
 
 
 def test_pretrain_zero2_and_zero3_run_on_two_nodes_with_s3_as_the_only_storage(cluster):
@@ -97,26 +141,151 @@ def test_sft_then_grpo_with_vllm_rollouts_start_from_the_checkpoint_in_s3(cluste
     assert any("/time/vLLM.generate" in k or k.startswith("runs/grpo-tiny/tensorboard/") for k in keys), keys
 
 
-def test_serve_deploy_loads_the_model_from_s3_on_a_worker_node(cluster):
+def make_lora_adapter(out_dir: Path) -> None:
+    """A PEFT LoRA adapter (random A and B, so it changes outputs) for the tiny preset's attention projections."""
+    from peft import LoraConfig, get_peft_model
+
+    from rayloop.models import build_model, train_tokenizer
+    from rayloop.tasks import ArithmeticTask
+
+    base = build_model("tiny", train_tokenizer(ArithmeticTask().pretrain_corpus()[:200]))
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(out_dir)
+
+
+def test_serve_deploy_loads_the_model_and_a_lora_adapter_from_s3_on_a_worker_node(cluster, tmp_path):
     from openai import OpenAI
 
     cluster, s3 = cluster
+    make_lora_adapter(tmp_path / "shift")
+    s3.put_folder(tmp_path / "shift", "loras/shift")
     port = 18000
-    runtime_env = json.dumps({"env_vars": {"RAYLOOP_API_KEY": KEY}})
-    output = cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--model={s3.uri('runs', 'grpo-tiny')}",
-                            "--model_id=policy", f"--port={port}", "--ingress=openai",
-                            options=("--runtime-env-json", runtime_env))
+    models = (f"[{{id: policy, path: {s3.uri('runs', 'grpo-tiny')}, lora_path: {s3.uri('loras')}, "
+              f"max_lora_rank: 8}}]")
+    output = cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--models={models}", f"--port={port}",
+                            "--ingress=openai", options=("--runtime-env-json", json.dumps({"env_vars": {"RAYLOOP_API_KEY": KEY}})))
     assert '"models": ["policy"]' in output, output[-2000:]
+    prompts = ["12+34=", "7+8=", "55-21=", "3+99=", "40-7=", "61+19="]
 
     def ask():
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=2, timeout=60)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=2, timeout=120)
         models = [m.id for m in client.models.list().data]
-        completion = client.completions.create(model="policy", prompt="12+34=", max_tokens=4, temperature=0)
-        return models, completion
+        answers = {model: [client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0)
+                           .choices[0].text for p in prompts] for model in ("policy", "policy:shift")}
+        return models, answers
 
-    models, completion = cluster.net.run(ask)
-    assert models == ["policy"] and completion.choices[0].text is not None
+    models, answers = cluster.net.run(ask)
+    assert "policy" in models
+    changed = sum(a != b for a, b in zip(answers["policy"], answers["policy:shift"]))
+    assert changed > 0, f"the adapter changed no greedy answer: {answers}"
     names = cluster.node_ids()
     replicas = engine_replicas(cluster, "rayloop")
     assert replicas and all(names[r["node_id"]].startswith("worker") for r in replicas), replicas
-    print(f"replica(s) on {[names[r['node_id']] for r in replicas]} ({[r['node_id'] for r in replicas]})")
+    print(f"replica(s) on {[names[r['node_id']] for r in replicas]} ({[r['node_id'] for r in replicas]}); "
+          f"the adapter changed {changed}/{len(prompts)} greedy answers")
+
+
+def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered_checkpoint(cluster):
+    cluster, s3 = cluster
+    run = "pretrain-node-failure"
+    snapshot_key = f"runs/{run}/checkpoint_manager_snapshot.json"
+    outcome: dict = {}
+
+    def submit():
+        try:
+            outcome["output"] = cluster.submit(
+                ROOT, "python", "-m", "jobs.pretrain", "--config", "jobs/configs/pretrain_tiny.yaml",
+                "--train.steps=200", "--train.checkpoint_every=20", "--train.keep_checkpoints=null",
+                "--train.max_failures=1", "--scaling.placement_strategy=SPREAD", f"--storage.path={s3.uri('runs')}",
+                f"--storage.name={run}", *TINY)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    job = threading.Thread(target=submit, daemon=True)
+    job.start()
+
+    def registered() -> list[str]:
+        if snapshot_key not in s3.keys(f"runs/{run}/"):
+            return []
+        snapshot = json.loads(s3.read(snapshot_key))
+        return [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+
+    before_kill = wait_for(registered, 400, "a first registered checkpoint")
+    victim = cluster.workers[-1]
+    killed = victim.kill()
+    print(f"killed {victim.name} ({killed} processes) with {len(before_kill)} registered checkpoint(s)")
+    job.join(timeout=900)
+    assert not job.is_alive(), "the job did not finish after the node died"
+    assert "error" not in outcome, outcome.get("error")
+    result = results(s3, run)
+    after = registered()
+    steps = {name: json.loads(s3.read(snapshot_key))["checkpoint_results"][i]["metrics"]["step"]
+             for i, name in enumerate(after)}
+    assert result["step"] == 200, result
+    assert result["resumed_from_step"] >= steps[before_kill[-1]] > 0, (result, steps)
+    assert result["resumed_from_step"] in steps.values(), (result, steps)
+    assert set(before_kill) <= set(after), "a checkpoint registered before the failure was lost"
+    names = cluster.node_ids()
+    assert victim.name not in {names.get(n) for n in result["worker_nodes"]}, result["worker_nodes"]
+    print(f"node failure: resumed from step {result['resumed_from_step']}, finished at step {result['step']} on "
+          f"{[names.get(n) for n in result['worker_nodes']]}")
+    cluster.workers.remove(victim)
+    cluster.add_worker("worker3", 3)
+
+
+def test_killing_the_node_of_a_serve_replica_under_load_loses_under_1_percent(cluster):
+    from openai import OpenAI
+
+    cluster, s3 = cluster
+    port = 18001
+    models = f"[{{id: policy, path: {s3.uri('runs', 'grpo-tiny')}, autoscaling: {{min_replicas: 2, max_replicas: 2}}}}]"
+    cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--models={models}", f"--port={port}", "--ingress=openai",
+                   "--name=rayloop-ha", options=("--runtime-env-json", json.dumps({"env_vars": {"RAYLOOP_API_KEY": KEY}})))
+    names = cluster.node_ids()
+    replicas = engine_replicas(cluster, "rayloop-ha")
+    assert len(replicas) == 2, replicas
+    ingress_nodes = {r["node_id"] for name, d in serve_applications(cluster)["rayloop-ha"]["deployments"].items()
+                     if not name.startswith("LLMServer:") for r in d["replicas"]}
+    candidates = [r["node_id"] for r in replicas if r["node_id"] not in ingress_nodes] or [replicas[0]["node_id"]]
+    victim = next(w for w in cluster.workers if w.name == names[candidates[0]])
+
+    counts = {"ok": 0, "failed": 0}
+    stop = threading.Event()
+
+    def load():
+        # The openai client's own retries (max_retries=2, its default backoff) are what a request may rely on.
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=2, timeout=30)
+
+        def one():
+            while not stop.is_set():
+                try:
+                    client.completions.create(model="policy", prompt="12+34=", max_tokens=8, temperature=0)
+                    counts["ok"] += 1
+                except Exception:  # noqa: BLE001 - counted
+                    counts["failed"] += 1
+
+        workers = [threading.Thread(target=one, daemon=True) for _ in range(4)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+
+    loader = threading.Thread(target=cluster.net.run, args=(load,), daemon=True)
+    loader.start()
+    wait_for(lambda: counts["ok"] >= 50, 120, "50 requests before the kill")
+    killed = victim.kill()
+    at_kill = dict(counts)
+    wait_for(lambda: counts["ok"] + counts["failed"] - sum(at_kill.values()) >= 200, 300, "200 requests after it")
+    stop.set()
+    loader.join(timeout=60)
+    total = counts["ok"] + counts["failed"]
+    print(f"serve node failure: killed {victim.name} ({killed} processes); {counts['ok']}/{total} requests OK "
+          f"({counts['ok'] / total:.2%}), {total - sum(at_kill.values())} after the kill")
+    assert total >= 200 and counts["ok"] / total >= 0.99, counts
+
+    def replaced():
+        alive = cluster.node_ids()
+        running = [r for r in engine_replicas(cluster, "rayloop-ha") if r["state"] == "RUNNING"]
+        return len(running) == 2 and all(alive.get(r["node_id"]) != victim.name for r in running)
+
+    wait_for(replaced, 300, "the lost replica replaced", interval_s=5)

@@ -1,6 +1,8 @@
 """SIGKILL a Ray Train worker in the middle of a checkpoint: the run restarts from the last complete checkpoint
-(not from step 0, not from the half-written one), finishes, and every registered checkpoint stays loadable."""
+(not from step 0, not from the half-written one), finishes, and every registered checkpoint stays loadable. While the
+half-written one is there, the run folder resolves to the last registered checkpoint."""
 
+import json
 import os
 import signal
 import threading
@@ -11,7 +13,7 @@ import psutil
 
 from jobs import pretrain
 from rayloop.config import load_config
-from rayloop.models import load_model
+from rayloop.models import load_model, resolve_model_folder
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -42,6 +44,14 @@ def test_worker_killed_mid_checkpoint_resumes_from_last_good_one(ray_cluster, tm
     workers = _train_workers()
     assert workers, "no RayTrainWorker process found"
     os.kill(workers[-1].pid, signal.SIGKILL)
+
+    # The half-written step-20 checkpoint already holds rank 0's model folder, but Ray Train never registered it:
+    # the run folder resolves to the step-10 checkpoint, the newest one Ray Train did register.
+    crashed = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    assert (crashed / "hf" / "config.json").is_file() and not (crashed / "trainer_state.json").is_file()
+    resolved = Path(resolve_model_folder(run_dir))
+    assert resolved.parent != crashed, f"{run_dir} resolved to the unregistered {crashed.name}"
+    assert json.loads((resolved.parent / "trainer_state.json").read_text())["step"] == 10
 
     runner.join(timeout=400)
     assert not runner.is_alive(), "the run did not finish after the restart"

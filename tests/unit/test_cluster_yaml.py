@@ -1,15 +1,39 @@
+"""cluster.yaml and platform/clusters/local.yaml: valid for `ray up`, token on every node, filtered sync."""
+
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.autoscaler._private.util import fillout_defaults, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ["cluster.yaml", "platform/clusters/local.yaml"]
 
 
-def test_cluster_yaml_is_a_valid_ray_up_config():
-    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    validate_config(fillout_defaults(config))  # Ray's own schema check, as `ray up` runs it
-    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cluster_configs_are_valid_ray_up_configs(name):
+    config = yaml.safe_load((ROOT / name).read_text())
+    validate_config(fillout_defaults(config))  # Ray's own schema check (ray/autoscaler/ray-schema.json), as `ray up`
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][0]
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
-        assert "RAY_SERVE_ENABLE_HA_PROXY=1 ray start" in command  # Serve's fast path, on every node
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1" in command  # Serve's fast path, on every node
+        assert "RAYLOOP_STORAGE=s3://" in command  # the bucket, as the default storage.path of every job
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_node_reads_the_same_token_and_sync_skips_ignored_files(name):
+    config = yaml.safe_load((ROOT / name).read_text())
+    # file_mounts reach every node the autoscaler starts, workers included: the token is there before `ray start`.
+    token_on_nodes = [remote for remote, local in config["file_mounts"].items() if local == "~/.ray/auth_token"]
+    assert token_on_nodes == ["/home/ubuntu/.ray/auth_token"], config["file_mounts"]
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/auth_token" in command, command
+    assert config["rsync_filter"] == [".gitignore"]  # the checkout without .venv (~4 GB) or runs
+    assert ".venv/" in (ROOT / ".gitignore").read_text().splitlines()
+    for command in config["setup_commands"]:
+        assert "[gpu]" in command or "venv/bin/activate" in command  # the pinned GPU stack on every node
+
+
+def test_head_of_the_cloud_cluster_schedules_nothing_heavy():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
