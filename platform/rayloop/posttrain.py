@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -385,11 +386,15 @@ def train_loop(loop_config: dict) -> None:
         callbacks += [tensorboard, _sync_logs_callback(tensorboard, log_dir, run_dir)]
     for callback in callbacks:
         trainer.add_callback(callback)
-    if checkpoint is None:
-        trainer.train()
-    else:
-        with checkpoint.as_directory() as folder:
-            trainer.train(resume_from_checkpoint=os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME))
+    try:
+        if checkpoint is None:
+            trainer.train()
+        else:
+            with checkpoint.as_directory() as folder:
+                trainer.train(resume_from_checkpoint=os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME))
+    finally:
+        # The Trainer's local checkpoints: Ray Train has copied each to storage when it was reported.
+        shutil.rmtree(output_dir, ignore_errors=True)
     if rank == 0:
         from rayloop.tracking import plot_curves
 

@@ -232,6 +232,12 @@ class Cluster:
         assert result.returncode == 0 and "succeeded" in output, f"{' '.join(entrypoint)}:\n{output[-4000:]}"
         return output
 
+    def serve_shutdown(self) -> None:
+        """Delete every Serve application (Serve's CLI through the dashboard, with the token)."""
+        result = subprocess.run(self.net.command(str(BIN / "serve"), "shutdown", f"--address={self.address}", "-y"),
+                                env=self.env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
     def node_ids(self) -> dict[str, str]:
         """Ray node id -> our node name, from `ray list nodes` (each node was started with a `node_name` label
         of its own through its resources)."""
@@ -251,10 +257,10 @@ class Cluster:
         import json
 
         result = subprocess.run(self.net.command(RAY, "list", "nodes", f"--address={self.address}", "--format=json",
-                                                 "--filter", "state=ALIVE"), env=self.env, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
+                                                 "--limit=100"), env=self.env, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0 or not result.stdout.lstrip().startswith("["):
             return 0
-        return sum(1 for node in json.loads(result.stdout) if not node.get("is_head_node"))
+        return sum(1 for n in json.loads(result.stdout) if n["state"] == "ALIVE" and not n.get("is_head_node"))
 
     def add_worker(self, name: str, cpus: int) -> Node:
         """A worker node in a mount namespace of its own (private tmpfs over PRIVATE_DIRS), joined to the head."""

@@ -183,6 +183,28 @@ def test_serve_deploy_loads_the_model_and_a_lora_adapter_from_s3_on_a_worker_nod
     assert replicas and all(names[r["node_id"]].startswith("worker") for r in replicas), replicas
     print(f"replica(s) on {[names[r['node_id']] for r in replicas]} ({[r['node_id'] for r in replicas]}); "
           f"the adapter changed {changed}/{len(prompts)} greedy answers")
+    cluster.serve_shutdown()  # its engine would otherwise share the two nodes' CPUs with the tests that follow
+
+
+def test_the_runs_wrote_nothing_but_caches_outside_the_bucket(cluster):
+    import subprocess
+
+    cluster, s3 = cluster
+    for node in cluster.workers:
+        def files(folder: str) -> list[str]:
+            found = subprocess.run(["nsenter", "-t", str(node.process.pid), "-m", "find", folder, "-type", "f"],
+                                   capture_output=True, text=True, timeout=60).stdout.split()
+            return found
+
+        runs = files(str(Path.home() / "rayloop-runs"))
+        assert runs == [], f"{node.name} wrote run files to its own disk: {runs[:10]}"
+        cache, tmp = files(str(Path.home() / ".cache")), files("/tmp")
+        tops = sorted({"/".join(f.split("/")[:5]) for f in cache} | {"/".join(f.split("/")[:3]) for f in tmp})
+        print(f"{node.name}: outside the bucket, {len(cache)} files under ~/.cache and {len(tmp)} under /tmp: {tops}")
+        assert not [f for f in cache if f.startswith(str(Path.home() / ".cache" / "rayloop"))
+                    and "/storage/" not in f], "rayloop's cache holds more than copies of storage"
+    # The head (the drivers' machine) neither: the runs named only here are nowhere in its default storage.
+    assert not [run for run in ("pretrain-z2", "pretrain-z3") if (Path.home() / "rayloop-runs" / run).exists()]
 
 
 def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered_checkpoint(cluster):

