@@ -172,14 +172,15 @@ def train_loop(loop_config: dict) -> None:
         first_attempt = state["resumed_from_step"] == 0
         delay = 30.0 if first_attempt and step == cfg.train.fault_delay_checkpoint_step else 0.0
         summary = {k: state[k] for k in ("eval_loss_before", "resumed_from_step", "worker_nodes")}
-        if rank == 0:
-            if step == cfg.train.steps:
-                plot_curves(tracker.history, ["loss", "eval_loss"], f"{log_dir}/loss.png",
-                            title=f"pretrain {cfg.storage.name}")
+        if step == cfg.train.steps and rank == 0:
+            plot_curves(tracker.history, ["loss", "eval_loss"], f"{log_dir}/loss.png",
+                        title=f"pretrain {cfg.storage.name}")
+        save_checkpoint(engine, tokenizer, metrics | summary, state, delay_s=delay)
+        if rank == 0:  # after the checkpoint is registered: a resumed run logs again only what it redoes
             tracker.flush()
             sync_logs(log_dir, run_dir)
-        save_checkpoint(engine, tokenizer, metrics | summary, state, delay_s=delay)
     tracker.close()
+    sync_logs(log_dir, run_dir, last=True, upload=rank == 0)
 
 
 def prepare_model(cfg: PretrainConfig) -> str:

@@ -12,10 +12,10 @@ def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> l
     Call under a `__main__` guard or in a Ray task: vLLM's engine spawns processes (STACK.md trap 3)."""
     from vllm import LLM, SamplingParams
 
-    from rayloop.storage import local_copy
+    from rayloop.storage import local_copy, training_state
 
     llm = LLM(
-        model=local_copy(model_dir),
+        model=local_copy(model_dir, exclude=training_state),
         dtype=gen.dtype,
         max_model_len=gen.max_model_len,
         kv_cache_memory_bytes=int(gen.kv_cache_memory_bytes),

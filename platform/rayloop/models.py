@@ -128,9 +128,9 @@ def load_model(path: str | os.PathLike, dtype=None):
     """Model and tokenizer from an HF folder, local or in storage (copied to this node's cache); no hub access."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rayloop.storage import local_copy
+    from rayloop.storage import local_copy, training_state
 
-    path = local_copy(str(path))
+    path = local_copy(str(path), exclude=training_state)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model, tokenizer

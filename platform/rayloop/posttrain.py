@@ -93,6 +93,10 @@ class RolloutSection(Section):
     kv_cache_memory_bytes: ByteSize = ByteSize(128 * MiB)
     """KV cache of each colocated vLLM engine, in bytes (`128MiB`, `8GiB`): a size, portable between machines,
     where vLLM's gpu_memory_utilization on CPU is a share of whatever the NUMA node reports."""
+    gpu_memory_utilization: float = Field(default=0.1, gt=0, le=1)
+    """GPU only: the share of the GPU's memory that vLLM checks is free when the colocated engine starts (weights,
+    activations and the KV cache above must fit in it; the training process holds the rest). Unused on CPU, where
+    the KV cache size alone counts."""
     max_model_len: int = Field(default=128, ge=16)
     """Context length the colocated engine reserves KV cache for."""
     enforce_eager: bool = True
@@ -160,7 +164,8 @@ def online_generation_arguments(rollout: RolloutSection) -> dict[str, Any]:
     args = dict(num_generations=rollout.num_generations, max_completion_length=rollout.max_completion_length,
                 temperature=rollout.temperature, use_vllm=use_vllm)
     if use_vllm:
-        args |= dict(vllm_mode=rollout.vllm_mode, vllm_max_model_length=rollout.max_model_len)
+        args |= dict(vllm_mode=rollout.vllm_mode, vllm_max_model_length=rollout.max_model_len,
+                     vllm_gpu_memory_utilization=rollout.gpu_memory_utilization)
         if rollout.vllm_mode == "server":
             args["vllm_server_base_url"] = rollout.server_base_url
     return args
@@ -364,7 +369,7 @@ def train_loop(loop_config: dict) -> None:
 
     from rayloop.train import use_bf16
 
-    from rayloop.storage import local_copy
+    from rayloop.storage import local_copy, training_state
     from rayloop.tracking import log_dir_for, sync_logs
 
     cfg: PostTrainConfig = loop_config["cfg"]
@@ -376,7 +381,7 @@ def train_loop(loop_config: dict) -> None:
     bf16 = use_bf16(cfg.deepspeed, cfg.scaling.use_gpu)
     args = training_arguments(cfg, output_dir, bf16=bf16)
     # The starting model from storage, through this node's cache: nodes share no disk with the driver.
-    trainer = loop_config["build_trainer"](cfg, local_copy(loop_config["model_dir"]), args)
+    trainer = loop_config["build_trainer"](cfg, local_copy(loop_config["model_dir"], exclude=training_state), args)
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()
     # TensorBoard's callback goes last, so that it writes the figures ours add to the logs (step_seconds, time/*).
@@ -405,7 +410,7 @@ def train_loop(loop_config: dict) -> None:
                     history.setdefault(key, []).append((entry.get("step", 0), value))
         plot_curves(history, loop_config["plot_keys"], f"{log_dir}/{loop_config['plot_name']}.png",
                     title=f"{cfg.job_name} {cfg.storage.name}")
-        sync_logs(log_dir, run_dir)
+    sync_logs(log_dir, run_dir, last=True, upload=rank == 0)
 
 
 def _sync_logs_callback(tensorboard, log_dir: str, run_dir: str):

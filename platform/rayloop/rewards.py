@@ -63,7 +63,7 @@ def integer_format(completions, **_) -> list[float]:
 def reward_funcs(specs: list[RewardSpec]) -> tuple[list, list[float]]:
     """TRL's `reward_funcs` (functions, or model folders TRL loads) and `reward_weights`, in the config's order.
     Called on the worker: a reward model in storage is copied to this node first."""
-    from rayloop.storage import local_copy
+    from rayloop.storage import local_copy, training_state
 
     funcs = []
     for spec in specs:
@@ -72,5 +72,5 @@ def reward_funcs(specs: list[RewardSpec]) -> tuple[list, list[float]]:
         elif spec.name == "format":
             funcs.append(integer_format)
         else:
-            funcs.append(local_copy(spec.path))
+            funcs.append(local_copy(spec.path, exclude=training_state))
     return funcs, [spec.weight for spec in specs]

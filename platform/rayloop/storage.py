@@ -5,8 +5,8 @@ works as `storage.path` for Ray Train works here too. S3-compatible endpoints co
 environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), read by pyarrow.
 
 Nodes of a cluster share no disk. A worker or replica reads what it needs from storage: `local_copy` downloads a
-folder from object storage once per node into a node-local cache (registered checkpoints never change, so the
-URI is the cache key), and refuses clearly when a local path is not there, as on a node that lacks the mount.
+file or folder from object storage once per node into a node-local cache, and refuses clearly when a local path is
+not there, as on a node that lacks the mount.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def is_uri(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
+    """Whether `path` names object storage; `file://` paths are local paths."""
+    return "://" in str(path) and not str(path).startswith("file://")
 
 
 def normalize(path: str | os.PathLike) -> str:
-    """A URI as given (without a trailing slash), or an absolute local path."""
-    path = str(path)
+    """A URI as given (without a trailing slash), or an absolute local path (`file://` removed)."""
+    path = str(path).removeprefix("file://")
     return path.rstrip("/") if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
@@ -119,49 +120,81 @@ def copy(src: str, dest: str) -> None:
 
 
 def cache_root() -> Path:
-    """Node-local cache of folders downloaded from object storage (`RAYLOOP_CACHE`, else ~/.cache/rayloop)."""
+    """Node-local cache of what was copied from object storage (`RAYLOOP_CACHE`, else ~/.cache/rayloop)."""
     return Path(os.environ.get("RAYLOOP_CACHE", "~/.cache/rayloop")).expanduser()
 
 
-def local_copy(path: str) -> str:
-    """A local file or folder holding `path`: the path itself when it is local, else a copy in this node's cache.
+def training_state(relative: str) -> bool:
+    """Files of a Trainer checkpoint that only resuming needs (optimizer, scheduler, RNG, DeepSpeed shards): a node
+    that loads the model to use it skips them."""
+    first = relative.split("/", 1)[0]
+    return (first.startswith(("optimizer", "scheduler", "rng_state", "global_step", "trainer_state", "training_args"))
+            or first in ("deepspeed", "latest"))
 
-    A local path that is missing here is an error that names the node: on a cluster, storage must be a mount
-    every node has, or object storage."""
+
+def local_copy(path: str, exclude: Callable[[str], bool] | None = None) -> str:
+    """A local file or folder holding `path`: the path itself when it is local, else a copy in this node's cache,
+    without the files that `exclude` (given the path relative to the folder) picks out.
+
+    The cache is keyed by the URI and the listing (names, sizes, modification times), so a folder written anew
+    under the same name is copied again. A local path missing here is an error that names the node: on a cluster,
+    storage must be a mount that every node has, or object storage."""
     if not is_uri(path):
-        if not Path(path).expanduser().exists():
+        path = normalize(path)
+        if not Path(path).exists():
             raise FileNotFoundError(
                 f"{path} does not exist on node {socket.gethostname()}: a worker reads runs, models and data from "
                 f"storage, so on a cluster storage.path must be a shared mount or s3://")
-        return str(Path(path).expanduser())
-    target = cache_root() / "storage" / hashlib.sha256(path.encode()).hexdigest()[:24]
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    done = target / ".complete"
-    if done.is_file():
-        return str(target / name) if done.read_text() == "file" else str(target)
+        return path
     import pyarrow.fs
 
-    kind = _info(path).type
-    if kind == pyarrow.fs.FileType.NotFound:
+    fs, inner = filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pyarrow.fs.FileType.NotFound:
         raise FileNotFoundError(f"nothing at {path}")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if info.type == pyarrow.fs.FileType.File:
+        files = [info]
+    else:
+        files = [f for f in fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
+                 if f.type == pyarrow.fs.FileType.File]
+    base = inner.rstrip("/") if info.type == pyarrow.fs.FileType.Directory else inner.rsplit("/", 1)[0]
+    wanted = [(f, f.path[len(base) + 1:]) for f in files]
+    wanted = [(f, rel) for f, rel in wanted if not (exclude and exclude(rel))]
+    listing = "\n".join(f"{rel} {f.size} {f.mtime_ns}" for f, rel in sorted(wanted, key=lambda w: w[1]))
+    key = hashlib.sha256(f"{path}\n{listing}".encode()).hexdigest()[:24]
+    root = cache_root() / "storage"
+    target = root / key
+    name = inner.rsplit("/", 1)[-1]
+    result = str(target / name) if info.type == pyarrow.fs.FileType.File else str(target)
+    if (target / ".complete").is_file():
+        return result
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_downloads(root)
     # Download beside the target and rename into place: two processes of one node may ask at once.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
-        fs, inner = filesystem(path)
-        if kind == pyarrow.fs.FileType.File:
-            with fs.open_input_stream(inner) as src, open(staging / name, "wb") as out:
-                shutil.copyfileobj(src, out)
-            (staging / ".complete").write_text("file")
-        else:
-            pyarrow.fs.copy_files(inner, str(staging), source_filesystem=fs,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
-            (staging / ".complete").write_text("dir")
+        for file, relative in wanted:
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(file.path) as src, open(staging / relative, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        (staging / ".complete").write_text(path)
         try:
             staging.rename(target)
         except OSError:  # another process finished first
-            if not done.is_file():
+            if not (target / ".complete").is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return str(target / name) if done.read_text() == "file" else str(target)
+    return result
+
+
+def _remove_abandoned_downloads(root: Path, older_than_s: float = 3600) -> None:
+    """Staging folders that a killed process left behind (a finished download is renamed away at once)."""
+    import time
+
+    for staging in root.glob(".*.*"):
+        try:
+            if time.time() - staging.stat().st_mtime > older_than_s:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            continue

@@ -84,21 +84,27 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], keys: list[str], pa
 
 def log_dir_for(run_dir: str) -> str:
     """Where this process writes TensorBoard files and PNG curves: the run's `tensorboard/` folder when storage is
-    a local folder or mount, else a folder on this node that `sync_logs` copies to the run in storage (TensorBoard
-    and matplotlib write local files)."""
-    import hashlib
+    a local folder or mount, else a new folder on this node that `sync_logs` copies to the run in storage
+    (TensorBoard and matplotlib write local files). New for each attempt, so nothing of an older run comes along."""
     import tempfile
 
     from rayloop import storage
 
     if not storage.is_uri(run_dir):
         return storage.join(run_dir, "tensorboard")
-    return os.path.join(tempfile.gettempdir(), "rayloop-logs", hashlib.sha256(run_dir.encode()).hexdigest()[:16])
+    return tempfile.mkdtemp(prefix="rayloop-logs-")
 
 
-def sync_logs(log_dir: str, run_dir: str) -> None:
-    """Copy this node's log folder to `<run_dir>/tensorboard` when storage is remote (a no-op otherwise)."""
+def sync_logs(log_dir: str, run_dir: str, *, last: bool = False, upload: bool = True) -> None:
+    """Copy this node's log folder to `<run_dir>/tensorboard` when storage is remote (a no-op otherwise); `last`:
+    the attempt is over, so the local folder goes too. Ranks that log nothing call it with `upload=False`."""
+    import shutil
+
     from rayloop import storage
 
-    if storage.is_uri(run_dir) and os.path.isdir(log_dir):
+    if not storage.is_uri(run_dir) or not os.path.isdir(log_dir):
+        return
+    if upload:
         storage.upload(log_dir, storage.join(run_dir, "tensorboard"))
+    if last:
+        shutil.rmtree(log_dir, ignore_errors=True)

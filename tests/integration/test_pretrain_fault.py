@@ -45,10 +45,9 @@ def test_worker_killed_mid_checkpoint_resumes_from_last_good_one(ray_cluster, tm
     assert workers, "no RayTrainWorker process found"
     os.kill(workers[-1].pid, signal.SIGKILL)
 
-    # The half-written step-20 checkpoint already holds rank 0's model folder, but Ray Train never registered it:
-    # the run folder resolves to the step-10 checkpoint, the newest one Ray Train did register.
+    # The step-20 checkpoint folder is there, newest by name, but Ray Train never registered it: the run folder
+    # resolves to the step-10 checkpoint, the newest one Ray Train did register.
     crashed = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
-    assert (crashed / "hf" / "config.json").is_file() and not (crashed / "trainer_state.json").is_file()
     resolved = Path(resolve_model_folder(run_dir))
     assert resolved.parent != crashed, f"{run_dir} resolved to the unregistered {crashed.name}"
     assert json.loads((resolved.parent / "trainer_state.json").read_text())["step"] == 10

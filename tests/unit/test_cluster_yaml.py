@@ -34,6 +34,8 @@ def test_every_node_reads_the_same_token_and_sync_skips_ignored_files(name):
         assert "[gpu]" in command or "venv/bin/activate" in command  # the pinned GPU stack on every node
 
 
-def test_head_of_the_cloud_cluster_schedules_nothing_heavy():
+def test_head_of_the_cloud_cluster_schedules_nothing_heavy_and_workers_can_reach_the_bucket():
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    # The autoscaler gives only the head an instance profile; GPU workers write checkpoints to the bucket too.
+    assert "IamInstanceProfile" in config["available_node_types"]["gpu_worker"]["node_config"]

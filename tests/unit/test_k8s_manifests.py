@@ -47,6 +47,9 @@ def test_every_entrypoint_config_and_import_path_exists(tmp_path, monkeypatch):
     for config in re.findall(r"--config (\S+)", job["spec"]["entrypoint"]):
         assert (ROOT / config).is_file(), config
     service = yaml.safe_load((ROOT / "platform" / "k8s" / "rayservice.yaml").read_text())
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))  # what Serve itself accepts
     for app in yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]:
         module, _, attribute = app["import_path"].partition(":")
         assert hasattr(__import__(module, fromlist=[attribute]), attribute), app["import_path"]

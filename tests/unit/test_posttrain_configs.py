@@ -107,7 +107,6 @@ def test_colocated_vllm_gets_its_kv_cache_in_bytes(model_dir):
     from rayloop.posttrain import colocated_vllm_options, online_generation_arguments
 
     cfg = grpo(model_dir, "--rollout.kv_cache_memory_bytes=96MiB")
-    assert "vllm_gpu_memory_utilization" not in online_generation_arguments(cfg.rollout)
     with colocated_vllm_options(cfg.rollout, bf16=False):
         assert vllm_generation.LLM.keywords["kv_cache_memory_bytes"] == 96 << 20
         assert vllm_generation.LLM.keywords["dtype"] == "float32"

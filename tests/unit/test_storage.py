@@ -1,5 +1,7 @@
 """rayloop.storage on local paths (the s3:// side runs for real in tests/integration/test_multinode.py)."""
 
+from pathlib import Path
+
 import pytest
 
 from rayloop import storage
@@ -10,6 +12,7 @@ def test_join_keeps_the_scheme_and_local_paths_become_absolute(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert storage.normalize("runs") == str(tmp_path / "runs")
     assert storage.normalize("s3://bucket/runs/") == "s3://bucket/runs"
+    assert storage.normalize(f"file://{tmp_path}/runs") == str(tmp_path / "runs") and not storage.is_uri("file:///x")
 
 
 def test_write_read_upload_and_copy_within_local_storage(tmp_path):
@@ -45,3 +48,50 @@ def test_storage_path_defaults_to_the_environment(monkeypatch):
 
     monkeypatch.setenv("RAYLOOP_STORAGE", "s3://bucket/rayloop-runs")
     assert load_config(PretrainConfig, []).storage.run_dir() == "s3://bucket/rayloop-runs/pretrain"
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    """An S3-compatible server (moto) on loopback, in this process, with one bucket; rayloop's cache in tmp_path."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                       "RAYLOOP_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="runs")
+    yield client
+    server.stop()
+
+
+def test_local_copy_from_s3_skips_training_state_and_follows_a_rewritten_folder(s3, tmp_path):
+    checkpoint = "sft/checkpoint_1/checkpoint"
+    for name, body in {"config.json": b"{}", "model.safetensors": b"w1", "optimizer.pt": b"o" * 1000,
+                       "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"z"}.items():
+        s3.put_object(Bucket="runs", Key=f"{checkpoint}/{name}", Body=body)
+    uri = f"s3://runs/{checkpoint}"
+    first = storage.local_copy(uri, exclude=storage.training_state)
+    assert sorted(p.name for p in Path(first).rglob("*") if p.is_file()) == [".complete", "config.json",
+                                                                           "model.safetensors"]
+    assert storage.local_copy(uri, exclude=storage.training_state) == first  # cached
+    s3.put_object(Bucket="runs", Key=f"{checkpoint}/model.safetensors", Body=b"w2, longer")  # the run written anew
+    second = storage.local_copy(uri, exclude=storage.training_state)
+    assert second != first and (Path(second) / "model.safetensors").read_bytes() == b"w2, longer"
+    one_file = storage.local_copy(f"s3://runs/{checkpoint}/config.json")
+    assert Path(one_file).name == "config.json" and Path(one_file).read_text() == "{}"
+    with pytest.raises(FileNotFoundError, match="nothing at s3://runs/missing"):
+        storage.local_copy("s3://runs/missing")
+
+
+def test_s3_run_folder_resolves_through_storage(s3):
+    from rayloop.models import resolve_model_folder
+
+    s3.put_object(Bucket="runs", Key="base/config.json", Body=b"{}")
+    assert resolve_model_folder("s3://runs/base/") == "s3://runs/base"
+    with pytest.raises(ValueError, match="no model at 's3://runs/nothing'"):
+        resolve_model_folder("s3://runs/nothing")
