@@ -222,11 +222,12 @@ class Cluster:
     workers: list[Node] = field(default_factory=list)
     temp_dir: str = ""
 
-    def submit(self, cwd: str | Path, *entrypoint: str, options: tuple[str, ...] = (), timeout_s: float = 600) -> str:
-        """`ray job submit --working-dir . [options] -- entrypoint` from `cwd`; returns the job's output; fails the
-        test if the job failed."""
-        result = subprocess.run(self.net.command(RAY, "job", "submit", f"--address={self.address}", "--working-dir",
-                                                 ".", *options, "--", *entrypoint), cwd=cwd, env=self.env, capture_output=True, text=True,
+    def submit(self, cwd: str | Path, *entrypoint: str, timeout_s: float = 600) -> str:
+        """`ray job submit --working-dir . -- entrypoint` from `cwd`; returns the job's output; fails the test if
+        the job failed."""
+        command = self.net.command(RAY, "job", "submit", f"--address={self.address}", "--working-dir", ".", "--",
+                                   *entrypoint)
+        result = subprocess.run(command, cwd=cwd, env=self.env, capture_output=True, text=True,
                                 timeout=timeout_s)
         output = result.stdout + result.stderr
         assert result.returncode == 0 and "succeeded" in output, f"{' '.join(entrypoint)}:\n{output[-4000:]}"
@@ -243,8 +244,8 @@ class Cluster:
         of its own through its resources)."""
         import json
 
-        result = subprocess.run(self.net.command(RAY, "list", "nodes", f"--address={self.address}", "--format=json",
-                                                 "--limit=100"), env=self.env, capture_output=True, text=True, timeout=60)
+        command = self.net.command(RAY, "list", "nodes", f"--address={self.address}", "--format=json", "--limit=100")
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr[-2000:]
         names = {}
         for node in json.loads(result.stdout):
@@ -256,8 +257,8 @@ class Cluster:
     def alive_workers(self) -> int:
         import json
 
-        result = subprocess.run(self.net.command(RAY, "list", "nodes", f"--address={self.address}", "--format=json",
-                                                 "--limit=100"), env=self.env, capture_output=True, text=True, timeout=60)
+        command = self.net.command(RAY, "list", "nodes", f"--address={self.address}", "--format=json", "--limit=100")
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
         if result.returncode != 0 or not result.stdout.lstrip().startswith("["):
             return 0
         return sum(1 for n in json.loads(result.stdout) if n["state"] == "ALIVE" and not n.get("is_head_node"))

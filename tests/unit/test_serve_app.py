@@ -296,6 +296,7 @@ def test_kv_cache_is_a_byte_size_never_a_memory_fraction(model_dir):
     kwargs = llm_config(entry, "cpu").engine_kwargs
     assert kwargs["kv_cache_memory_bytes"] == 64 << 20
     assert "gpu_memory_utilization" not in kwargs  # on CPU a fraction of the NUMA node: differs between machines
-    assert llm_config(ModelEntry(id="m", path=str(model_dir)), "cpu").engine_kwargs["kv_cache_memory_bytes"] == 256 << 20
+    default = llm_config(ModelEntry(id="m", path=str(model_dir)), "cpu")
+    assert default.engine_kwargs["kv_cache_memory_bytes"] == 256 << 20
     with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
         ModelEntry(id="m", path=str(model_dir), kv_cache_memory_bytes="a lot")
