@@ -94,6 +94,13 @@ class NetNamespace:
         return outcome.get("value")
 
     def close(self) -> None:
+        """Kill every process in the namespace (whatever a test left running there), then the namespace."""
+        own = _readlink(self.path)
+        for pid in _pids_in("net", own):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.anchor.kill()
 
 
@@ -102,6 +109,14 @@ def _readlink(path: str) -> str | None:
         return os.readlink(path)
     except OSError:
         return None
+
+
+def _pids_in(kind: str, namespace: str | None) -> list[int]:
+    """Every process whose `kind` namespace (`net`, `mnt`) is `namespace`."""
+    if namespace is None:
+        return []
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and _readlink(f"{entry}/ns/{kind}") == namespace]
 
 
 @dataclass
@@ -188,16 +203,7 @@ class Node:
 
     def pids(self) -> list[int]:
         """Every process of this node: all processes in its mount namespace."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.readlink(entry / "ns" / "mnt") == self.namespace:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
+        return _pids_in("mnt", self.namespace)
 
     def kill(self) -> int:
         """SIGKILL every process of the node at once, raylet included, as when its machine dies."""
@@ -286,11 +292,11 @@ class Cluster:
     def stop(self) -> None:
         for node in self.workers:
             node.kill()
-        self.head.process.terminate()  # nsenter passes the signal on: it execs `ray start`
+        self.head.process.terminate()  # `ray start --block` stops the head's processes (NetNamespace.close the rest)
         try:
-            self.head.process.wait(timeout=60)
+            self.head.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.head.process.pid, signal.SIGKILL)
+            self.head.process.kill()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -324,8 +330,12 @@ def start_cluster(s3: S3Server, *, workers: int = 2, cpus_per_worker: int = 3) -
         except OSError:
             return False
 
-    wait_for(lambda: net.run(job_api_up), 120, "the head's job API")
-    for i in range(workers):
-        cluster.add_worker(f"worker{i + 1}", cpus_per_worker)
+    try:
+        wait_for(lambda: net.run(job_api_up), 120, "the head's job API")
+        for i in range(workers):
+            cluster.add_worker(f"worker{i + 1}", cpus_per_worker)
+    except BaseException:
+        cluster.stop()  # nothing of a half-started cluster outlives the test
+        raise
     return cluster
 

@@ -28,12 +28,18 @@ TINY = ["--task.num_train=1000", "--task.num_eval=50"]
 @pytest.fixture(scope="module")
 def cluster():
     net = NetNamespace()
-    s3 = start_s3(net)
-    cluster = start_cluster(s3)
-    yield cluster, s3
-    cluster.stop()
-    s3.process.kill()
-    net.close()
+    try:
+        s3 = start_s3(net)
+        try:
+            cluster = start_cluster(s3)
+            try:
+                yield cluster, s3
+            finally:
+                cluster.stop()
+        finally:
+            s3.process.kill()
+    finally:
+        net.close()
 
 
 def key_file(folder: Path) -> Path:
