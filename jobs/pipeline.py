@@ -53,6 +53,7 @@ class PipelineConfig(PretrainConfig):
 
 def main(cfg: PipelineConfig) -> dict:
     from jobs import grpo, pretrain, sft
+    from rayloop import storage
     from rayloop.generate import generate_on_ray
     from rayloop.tasks import ArithmeticTask, accuracy
 
@@ -82,6 +83,7 @@ def main(cfg: PipelineConfig) -> dict:
         print(f"  {example['prompt']}{completion!r:<12} expected {example['answer']}")
     print(f"pipeline: vLLM exact-match accuracy on {len(examples)} held-out problems: "
           + ", ".join(f"after {name} {acc:.1%}" for name, acc in table))
+    storage.write_json(cfg.storage.run_path("results.json"), summary)  # pretraining's figures and every stage's
     return summary
 
 

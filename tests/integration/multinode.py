@@ -35,6 +35,20 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 PRIVATE_DIRS = ["/tmp", "/dev/shm", str(Path.home() / ".cache"), str(Path.home() / "rayloop-runs")]
+# The checkout with its .venv: the software every node has installed, kept visible on the worker nodes even where it
+# lies under a private folder (a clone in /tmp).
+SOFTWARE = str(Path(__file__).resolve().parents[2])
+
+
+def private_mounts() -> str:
+    """Shell commands, run in a new mount namespace, that give it its own empty PRIVATE_DIRS and keep SOFTWARE."""
+    hidden = [d for d in PRIVATE_DIRS if SOFTWARE == d or SOFTWARE.startswith(d.rstrip("/") + "/")]
+    keep = "/mnt/.rayloop-software"
+    steps = [f"mkdir -p {keep} && mount --bind {SOFTWARE} {keep}"] if hidden else []
+    steps += [f"mkdir -p {d} && mount -t tmpfs -o size=8g tmpfs {d}" for d in PRIVATE_DIRS]
+    if hidden:
+        steps.append(f"mkdir -p {SOFTWARE} && mount --bind {keep} {SOFTWARE}")
+    return " && ".join(steps)
 
 
 def free_port() -> int:
@@ -271,7 +285,7 @@ class Cluster:
 
     def add_worker(self, name: str, cpus: int) -> Node:
         """A worker node in a mount namespace of its own (private tmpfs over PRIVATE_DIRS), joined to the head."""
-        mounts = " && ".join(f"mkdir -p {d} && mount -t tmpfs -o size=8g tmpfs {d}" for d in PRIVATE_DIRS)
+        mounts = private_mounts()
         ports = 21000 + 1000 * len(self.workers)
         start = (f"exec {RAY} start --block --address={self.gcs} --node-ip-address=127.0.0.1 "
                  f"--num-cpus={cpus} --resources='{{\"node_name:{name}\": 1}}' "
