@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import ByteSize, Field, model_validator
 
-from rayloop.config import (MiB, DeepSpeedSection, JobConfig, OptimSection, ScalingSection, Section,
+from rayloop.config import (DeepSpeedSection, JobConfig, MiB, OptimSection, ScalingSection, Section,
                             StartModelSection, TaskSection)
 
 log = logging.getLogger(__name__)
@@ -367,10 +367,9 @@ def train_loop(loop_config: dict) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers.integrations import TensorBoardCallback
 
-    from rayloop.train import use_bf16
-
     from rayloop.storage import local_copy, training_state
     from rayloop.tracking import log_dir_for, sync_logs
+    from rayloop.train import use_bf16
 
     cfg: PostTrainConfig = loop_config["cfg"]
     rank = ray.train.get_context().get_world_rank()

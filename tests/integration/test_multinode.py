@@ -147,7 +147,7 @@ def test_sft_then_grpo_with_vllm_rollouts_start_from_the_checkpoint_in_s3(cluste
     assert sft["model_dir"].startswith(f"s3://{s3.bucket}/runs/sft-tiny/checkpoint_"), sft
     cluster.submit(ROOT, "python", "-m", "jobs.grpo", "--config", "jobs/configs/grpo_tiny.yaml",
                    f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", "--train.per_device_batch_size=8",
-                   "--rollout.engine=vllm", *common)
+                   "--rollout.engine=vllm", "--eval_samples=4", *common)
     grpo = results(s3, "grpo-tiny")
     assert grpo["step"] == 4 and "sampled_exact_match" in grpo, grpo
     keys = s3.keys("runs/grpo-tiny/")
@@ -232,7 +232,7 @@ def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered
         try:
             outcome["output"] = cluster.submit(
                 ROOT, "python", "-m", "jobs.pretrain", "--config", "jobs/configs/pretrain_tiny.yaml",
-                "--train.steps=200", "--train.checkpoint_every=20", "--train.keep_checkpoints=null",
+                "--train.steps=120", "--train.checkpoint_every=20", "--train.keep_checkpoints=null",
                 "--train.max_failures=1", "--scaling.placement_strategy=SPREAD", f"--storage.path={s3.uri('runs')}",
                 f"--storage.name={run}", *TINY)
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -258,7 +258,7 @@ def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered
     after = registered()
     steps = {name: json.loads(s3.read(snapshot_key))["checkpoint_results"][i]["metrics"]["step"]
              for i, name in enumerate(after)}
-    assert result["step"] == 200, result
+    assert result["step"] == 120, result
     assert result["resumed_from_step"] >= steps[before_kill[-1]] > 0, (result, steps)
     assert result["resumed_from_step"] in steps.values(), (result, steps)
     assert set(before_kill) <= set(after), "a checkpoint registered before the failure was lost"

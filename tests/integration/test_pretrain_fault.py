@@ -1,9 +1,10 @@
 """SIGKILL a Ray Train worker in the middle of a checkpoint: the run restarts from the last complete checkpoint
-(not from step 0, not from the half-written one), finishes, and every registered checkpoint stays loadable. While the
-half-written one is there, the run folder resolves to the last registered checkpoint."""
+(not from step 0, not from the half-written one), finishes, and every registered checkpoint stays loadable. A newer
+checkpoint folder that Ray Train never registered does not change what the run folder resolves to."""
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -36,27 +37,31 @@ def test_worker_killed_mid_checkpoint_resumes_from_last_good_one(ray_cluster, tm
 
     run_dir = tmp_path / "fault"
     deadline = time.time() + 300
-    # The step-20 checkpoint's folder appears in storage while rank 1 is held back for 30 s: kill a worker then.
-    while len(list(run_dir.glob("checkpoint_*"))) < 2:
-        assert time.time() < deadline and runner.is_alive(), "the step-20 checkpoint never started"
+    # Once Ray Train has registered the step-10 checkpoint, the ranks reach the step-20 one within a second or two;
+    # there rank 1 is held back for 30 s while rank 0 waits in ray.train.report. Kill a worker inside that window.
+    while not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+        assert time.time() < deadline and runner.is_alive(), "the step-10 checkpoint was never registered"
         time.sleep(0.5)
-    time.sleep(2)
+    time.sleep(8)
     workers = _train_workers()
     assert workers, "no RayTrainWorker process found"
     os.kill(workers[-1].pid, signal.SIGKILL)
-
-    # The step-20 checkpoint folder is there, newest by name, but Ray Train never registered it: the run folder
-    # resolves to the step-10 checkpoint, the newest one Ray Train did register.
-    crashed = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
-    resolved = Path(resolve_model_folder(run_dir))
-    assert resolved.parent != crashed, f"{run_dir} resolved to the unregistered {crashed.name}"
-    assert json.loads((resolved.parent / "trainer_state.json").read_text())["step"] == 10
 
     runner.join(timeout=400)
     assert not runner.is_alive(), "the run did not finish after the restart"
     assert result["step"] == 30
     assert result["resumed_from_step"] == 10, f"expected a resume from step 10, got {result['resumed_from_step']}"
     load_model(result["model_dir"])
+
+    # A checkpoint folder newer than any that Ray Train registered, as a crash in the middle of writing one leaves
+    # it (the model folder there, the rest missing): the run folder still resolves to the last registered one.
+    final = Path(result["model_dir"]).parent
+    crashed = run_dir / "checkpoint_2999-01-01_00-00-00.000000"
+    shutil.copytree(final / "hf", crashed / "hf")
+    resolved = Path(resolve_model_folder(run_dir))
+    assert resolved.parent == final, f"{run_dir} resolved to {resolved}, not the last registered {final.name}"
+    assert json.loads((resolved.parent / "trainer_state.json").read_text())["step"] == 30
+    shutil.rmtree(crashed)
     for checkpoint in sorted(run_dir.glob("checkpoint_*")):
         if (checkpoint / "trainer_state.json").is_file():
             load_model(checkpoint / "hf")

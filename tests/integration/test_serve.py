@@ -291,6 +291,8 @@ def test_killing_a_replica_under_load_loses_under_1_percent(endpoint):
     """Steady load on `tiny` (2 replicas by then), one replica SIGKILLed, at least 200 more requests. Relied on:
     the openai client's own retry (max_retries=2, with backoff), which re-sends the requests that were in flight
     on the dead replica; Serve routes the retries to the live one."""
+    if endpoint.shape == "openai":
+        pytest.skip("the openai shape loses a whole node's replica under load in test_multinode.py")
     import ray
     from ray.util.state import list_actors
 
