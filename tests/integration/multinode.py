@@ -253,12 +253,6 @@ class Cluster:
         assert result.returncode == 0 and "succeeded" in output, f"{' '.join(entrypoint)}:\n{output[-4000:]}"
         return output
 
-    def serve_shutdown(self) -> None:
-        """Delete every Serve application (Serve's CLI through the dashboard, with the token)."""
-        result = subprocess.run(self.net.command(str(BIN / "serve"), "shutdown", f"--address={self.address}", "-y"),
-                                env=self.env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-
     def node_ids(self) -> dict[str, str]:
         """Ray node id -> our node name, from `ray list nodes` (each node was started with a `node_name` label
         of its own through its resources)."""

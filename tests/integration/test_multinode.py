@@ -23,6 +23,7 @@ from multinode import Cluster, NetNamespace, S3Server, start_cluster, start_s3, 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "mn-key-" + os.urandom(8).hex()
 TINY = ["--task.num_train=1000", "--task.num_eval=50"]
+APP, PORT = "rayloop", 18000  # serve.deploy's default application name
 
 
 @pytest.fixture(scope="module")
@@ -156,72 +157,6 @@ def test_sft_then_grpo_with_vllm_rollouts_start_from_the_checkpoint_in_s3(cluste
     assert "runs/grpo-tiny/tensorboard/reward.png" in keys, keys
 
 
-def make_lora_adapter(out_dir: Path) -> None:
-    """A PEFT LoRA adapter (random A and B, so it changes outputs) for the tiny preset's attention projections."""
-    from peft import LoraConfig, get_peft_model
-
-    from rayloop.models import build_model, train_tokenizer
-    from rayloop.tasks import ArithmeticTask
-
-    base = build_model("tiny", train_tokenizer(ArithmeticTask().pretrain_corpus()[:200]))
-    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(out_dir)
-
-
-def test_serve_deploy_loads_the_model_and_a_lora_adapter_from_s3_on_a_worker_node(cluster, tmp_path):
-    from openai import OpenAI
-
-    cluster, s3 = cluster
-    make_lora_adapter(tmp_path / "shift")
-    s3.put_folder(tmp_path / "shift", "loras/shift")
-    port = 18000
-    models = (f"[{{id: policy, path: {s3.uri('runs', 'grpo-tiny')}, lora_path: {s3.uri('loras')}, "
-              f"max_lora_rank: 8}}]")
-    output = cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--models={models}", f"--port={port}",
-                            "--ingress=openai", f"--auth.api_key_file={key_file(tmp_path)}")
-    assert '"models": ["policy"]' in output, output[-2000:]
-    prompts = ["12+34=", "7+8=", "55-21=", "3+99=", "40-7=", "61+19="]
-
-    def ask():
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=2, timeout=120)
-        models = [m.id for m in client.models.list().data]
-        answers = {model: [client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0)
-                           .choices[0].text for p in prompts] for model in ("policy", "policy:shift")}
-        return models, answers
-
-    models, answers = cluster.net.run(ask)
-    assert "policy" in models
-    changed = sum(a != b for a, b in zip(answers["policy"], answers["policy:shift"]))
-    assert changed > 0, f"the adapter changed no greedy answer: {answers}"
-    names = cluster.node_ids()
-    replicas = engine_replicas(cluster, "rayloop")
-    assert replicas and all(names[r["node_id"]].startswith("worker") for r in replicas), replicas
-    print(f"replica(s) on {[names[r['node_id']] for r in replicas]} ({[r['node_id'] for r in replicas]}); "
-          f"the adapter changed {changed}/{len(prompts)} greedy answers")
-    cluster.serve_shutdown()  # its engine would otherwise share the two nodes' CPUs with the tests that follow
-
-
-def test_the_runs_wrote_nothing_but_caches_outside_the_bucket(cluster):
-    import subprocess
-
-    cluster, s3 = cluster
-    for node in cluster.workers:
-        def files(folder: str) -> list[str]:
-            found = subprocess.run(["nsenter", "-t", str(node.process.pid), "-m", "find", folder, "-type", "f"],
-                                   capture_output=True, text=True, timeout=60).stdout.split()
-            return found
-
-        runs = files(str(Path.home() / "rayloop-runs"))
-        assert runs == [], f"{node.name} wrote run files to its own disk: {runs[:10]}"
-        cache, tmp = files(str(Path.home() / ".cache")), files("/tmp")
-        tops = sorted({"/".join(f.split("/")[:5]) for f in cache} | {"/".join(f.split("/")[:3]) for f in tmp})
-        print(f"{node.name}: outside the bucket, {len(cache)} files under ~/.cache and {len(tmp)} under /tmp: {tops}")
-        assert not [f for f in cache if f.startswith(str(Path.home() / ".cache" / "rayloop"))
-                    and "/storage/" not in f], "rayloop's cache holds more than copies of storage"
-    # The head (the drivers' machine) neither: the runs named only here are nowhere in its default storage.
-    assert not [run for run in ("pretrain-z2", "pretrain-z3") if (Path.home() / "rayloop-runs" / run).exists()]
-
-
 def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered_checkpoint(cluster):
     cluster, s3 = cluster
     run = "pretrain-node-failure"
@@ -270,18 +205,79 @@ def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered
     cluster.add_worker("worker3", 3)
 
 
-def test_killing_the_node_of_a_serve_replica_under_load_loses_under_1_percent(cluster, tmp_path):
+def make_lora_adapter(out_dir: Path) -> None:
+    """A PEFT LoRA adapter (random A and B, so it changes outputs) for the tiny preset's attention projections."""
+    from peft import LoraConfig, get_peft_model
+
+    from rayloop.models import build_model, train_tokenizer
+    from rayloop.tasks import ArithmeticTask
+
+    base = build_model("tiny", train_tokenizer(ArithmeticTask().pretrain_corpus()[:200]))
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(out_dir)
+
+
+def test_serve_deploy_loads_the_model_and_a_lora_adapter_from_s3_on_a_worker_node(cluster, tmp_path):
     from openai import OpenAI
 
     cluster, s3 = cluster
-    port = 18001
-    models = f"[{{id: policy, path: {s3.uri('runs', 'grpo-tiny')}, autoscaling: {{min_replicas: 2, max_replicas: 2}}}}]"
-    cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--models={models}", f"--port={port}", "--ingress=openai",
-                   "--name=rayloop-ha", f"--auth.api_key_file={key_file(tmp_path)}")
+    make_lora_adapter(tmp_path / "shift")
+    s3.put_folder(tmp_path / "shift", "loras/shift")
+    # Two replicas, one a node: the node-failure test below kills one of them under load.
+    models = (f"[{{id: policy, path: {s3.uri('runs', 'grpo-tiny')}, lora_path: {s3.uri('loras')}, "
+              f"max_lora_rank: 8, autoscaling: {{min_replicas: 2, max_replicas: 2}}}}]")
+    output = cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--models={models}", f"--port={PORT}",
+                            "--ingress=openai", f"--auth.api_key_file={key_file(tmp_path)}")
+    assert '"models": ["policy"]' in output, output[-2000:]
+    prompts = ["12+34=", "7+8=", "55-21=", "3+99=", "40-7=", "61+19="]
+
+    def ask():
+        client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=2, timeout=120)
+        models = [m.id for m in client.models.list().data]
+        answers = {model: [client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0)
+                           .choices[0].text for p in prompts] for model in ("policy", "policy:shift")}
+        return models, answers
+
+    models, answers = cluster.net.run(ask)
+    assert "policy" in models
+    changed = sum(a != b for a, b in zip(answers["policy"], answers["policy:shift"]))
+    assert changed > 0, f"the adapter changed no greedy answer: {answers}"
     names = cluster.node_ids()
-    replicas = engine_replicas(cluster, "rayloop-ha")
+    replicas = engine_replicas(cluster, APP)
+    assert len(replicas) == 2 and all(names[r["node_id"]].startswith("worker") for r in replicas), replicas
+    print(f"replica(s) on {[names[r['node_id']] for r in replicas]} ({[r['node_id'] for r in replicas]}); "
+          f"the adapter changed {changed}/{len(prompts)} greedy answers")
+
+
+def test_the_runs_wrote_nothing_but_caches_outside_the_bucket(cluster):
+    import subprocess
+
+    cluster, s3 = cluster
+    for node in cluster.workers:
+        def files(folder: str) -> list[str]:
+            found = subprocess.run(["nsenter", "-t", str(node.process.pid), "-m", "find", folder, "-type", "f"],
+                                   capture_output=True, text=True, timeout=60).stdout.split()
+            return found
+
+        runs = files(str(Path.home() / "rayloop-runs"))
+        assert runs == [], f"{node.name} wrote run files to its own disk: {runs[:10]}"
+        cache, tmp = files(str(Path.home() / ".cache")), files("/tmp")
+        tops = sorted({"/".join(f.split("/")[:5]) for f in cache} | {"/".join(f.split("/")[:3]) for f in tmp})
+        print(f"{node.name}: outside the bucket, {len(cache)} files under ~/.cache and {len(tmp)} under /tmp: {tops}")
+        assert not [f for f in cache if f.startswith(str(Path.home() / ".cache" / "rayloop"))
+                    and "/storage/" not in f], "rayloop's cache holds more than copies of storage"
+    # The head (the drivers' machine) neither: the runs named only here are nowhere in its default storage.
+    assert not [run for run in ("pretrain-z2", "pretrain-z3") if (Path.home() / "rayloop-runs" / run).exists()]
+
+
+def test_killing_the_node_of_a_serve_replica_under_load_loses_under_1_percent(cluster):
+    from openai import OpenAI
+
+    cluster, s3 = cluster
+    names = cluster.node_ids()
+    replicas = engine_replicas(cluster, APP)  # deployed by the LoRA test above
     assert len(replicas) == 2, replicas
-    ingress_nodes = {r["node_id"] for name, d in serve_applications(cluster)["rayloop-ha"]["deployments"].items()
+    ingress_nodes = {r["node_id"] for name, d in serve_applications(cluster)[APP]["deployments"].items()
                      if not name.startswith("LLMServer:") for r in d["replicas"]}
     candidates = [r["node_id"] for r in replicas if r["node_id"] not in ingress_nodes] or [replicas[0]["node_id"]]
     victim = next(w for w in cluster.workers if w.name == names[candidates[0]])
@@ -291,7 +287,7 @@ def test_killing_the_node_of_a_serve_replica_under_load_loses_under_1_percent(cl
 
     def load():
         # The openai client's own retries (max_retries=2, its default backoff) are what a request may rely on.
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=2, timeout=30)
+        client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=2, timeout=30)
 
         def one():
             while not stop.is_set():
@@ -322,7 +318,7 @@ def test_killing_the_node_of_a_serve_replica_under_load_loses_under_1_percent(cl
 
     def replaced():
         alive = cluster.node_ids()
-        running = [r for r in engine_replicas(cluster, "rayloop-ha") if r["state"] == "RUNNING"]
+        running = [r for r in engine_replicas(cluster, APP) if r["state"] == "RUNNING"]
         return len(running) == 2 and all(alive.get(r["node_id"]) != victim.name for r in running)
 
     wait_for(replaced, 300, "the lost replica replaced", interval_s=5)
