@@ -3,9 +3,11 @@
     python -m jobs.dpo --config jobs/configs/dpo_tiny.yaml
     ray job submit --working-dir . -- python -m jobs.dpo --config jobs/configs/dpo_tiny.yaml
 
-Pairs: the task's right answer (chosen) against a plausible wrong one (rejected); the reference model is the
-starting model. Prints, against that start, held-out preference accuracy (the policy gives the right answer more
-probability than the wrong one) and exact-match accuracy, both paired on the same held-out problems.
+Pairs: `dataset.path` in TRL's preference format (`chosen`, `rejected`, with or without `prompt`; conversational
+too), else the task's right answer (chosen) against a plausible wrong one (rejected). The reference model is the
+starting model. Prints, against that start and paired on the same held-out pairs: preference accuracy (the policy
+gives the chosen completion more probability than the rejected one) and the mean log-probability margin, and on
+the task's data exact-match accuracy.
 """
 
 from __future__ import annotations
@@ -20,42 +22,53 @@ class DPOJobConfig(PostTrainConfig):
     """Direct preference optimisation (TRL DPOTrainer) on Ray Train."""
 
     job_name = "dpo"
+    data_format = "dpo"
     beta: float = Field(default=0.1, gt=0)
     """DPO's temperature: how far the policy may move from the reference."""
 
+    def task_data(self):
+        from rayloop.tasks import ArithmeticTask
+
+        task = ArithmeticTask(self.task)
+        return task.preference_pairs(), task.eval_preference_pairs()
+
 
 def build_trainer(cfg: DPOJobConfig, model_dir: str, args: dict):
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from rayloop.tasks import ArithmeticTask
-
-    task = ArithmeticTask(cfg.task)
+    train, held_out = cfg.data()
     return DPOTrainer(
         model=model_dir,
         args=DPOConfig(**args, beta=cfg.beta, max_length=cfg.train.max_length, eval_strategy="steps",
                        eval_steps=cfg.train.checkpoint_every),
-        train_dataset=Dataset.from_list(task.preference_pairs()),
-        eval_dataset=Dataset.from_list(task.eval_preference_pairs()),
+        train_dataset=train,
+        eval_dataset=held_out,
     )
 
 
 def main(cfg: DPOJobConfig) -> dict:
     from jobs import dpo
     from rayloop import storage
-    from rayloop.evaluate import compare_exact_match, describe, on_ray, paired_difference, preference_scores
+    from rayloop.evaluate import compare_exact_match, describe, on_ray, paired_difference, preference_margins
     from rayloop.posttrain import fit
-    from rayloop.tasks import ArithmeticTask
 
-    task = ArithmeticTask(cfg.task)
     summary = fit(cfg, dpo.build_trainer, plot_keys=["rewards/margins", "eval_rewards/margins"], plot_name="margins")
-    pairs, gpu = task.eval_preference_pairs(), cfg.scaling.use_gpu
-    summary["preference"] = paired_difference(on_ray(preference_scores, cfg.model.name_or_path, pairs, use_gpu=gpu),
-                                              on_ray(preference_scores, summary["model_dir"], pairs, use_gpu=gpu))
-    summary["exact_match"] = compare_exact_match(cfg.model.name_or_path, summary["model_dir"], task.eval_examples(),
-                                                 use_gpu=gpu)
-    print(f"dpo: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}; "
-          f"{describe('exact match', summary['exact_match'])}; model at {summary['model_dir']}")
+    _, held_out = cfg.data()
+    before, after = (on_ray(preference_margins, model, held_out.to_list(), use_gpu=cfg.scaling.use_gpu)
+                     for model in (cfg.model.name_or_path, summary["model_dir"]))
+    margins = summary["margin"] = paired_difference(before, after)
+    summary["preference"] = paired_difference([float(m > 0) for m in before], [float(m > 0) for m in after])
+    line = (f"dpo: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
+            f"log-probability margin {margins['before']:+.3f} -> {margins['after']:+.3f} "
+            f"(95% CI of the difference [{margins['ci_low']:+.3f}, {margins['ci_high']:+.3f}])")
+    if cfg.dataset.path is None:
+        from rayloop.tasks import ArithmeticTask
+
+        summary["exact_match"] = compare_exact_match(cfg.model.name_or_path, summary["model_dir"],
+                                                     ArithmeticTask(cfg.task).eval_examples(),
+                                                     use_gpu=cfg.scaling.use_gpu)
+        line += f"; {describe('exact match', summary['exact_match'])}"
+    print(f"{line}; model at {summary['model_dir']}")
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 

@@ -3,9 +3,11 @@
     python -m jobs.reward --config jobs/configs/reward_tiny.yaml
     ray job submit --working-dir . -- python -m jobs.reward --config jobs/configs/reward_tiny.yaml
 
-Starts from a causal LM folder (TRL puts a one-output classification head on it), learns to score the right answer
-above a plausible wrong one, and reports preference accuracy on held-out pairs. GRPO uses the result with
-`rewards: [{name: reward_model, path: <this run>}]`.
+Starts from a causal LM folder (TRL puts a one-output classification head on it) and learns to score the chosen
+completion above the rejected one: `dataset.path` in TRL's preference format (explicit or implicit prompt,
+conversational too), else the task's right answer against plausible wrong ones. Prints, against the start (a fresh
+head, seeded) and paired on the same held-out pairs: preference accuracy and the mean score margin. GRPO uses the
+result with `rewards: [{model: <this run>}]`.
 """
 
 from __future__ import annotations
@@ -20,38 +22,48 @@ class RewardJobConfig(PostTrainConfig):
     """Reward model (TRL RewardTrainer) on preference pairs, on Ray Train."""
 
     job_name = "reward"
+    data_format = "reward"
     # A scalar-output model cannot answer the task, so no generated held-out accuracy; its eval is pair accuracy.
     train: PostTrainSection = PostTrainSection(eval_samples=0)
     rejected_per_problem: int = Field(default=1, ge=1)
-    """Preference pairs per training problem, each with its own wrong answer: a small model needs many pairs to
-    learn to check an answer rather than judge its surface."""
+    """The task's data: preference pairs per training problem, each with its own wrong answer (a small model needs
+    many pairs to learn to check an answer rather than judge its surface)."""
+
+    def task_data(self):
+        from rayloop.tasks import ArithmeticTask
+
+        task = ArithmeticTask(self.task)
+        return task.preference_pairs(self.rejected_per_problem), task.eval_preference_pairs()
 
 
 def build_trainer(cfg: RewardJobConfig, model_dir: str, args: dict):
-    from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from rayloop.tasks import ArithmeticTask
-
-    task = ArithmeticTask(cfg.task)
+    train, held_out = cfg.data()
     return RewardTrainer(
         model=model_dir,
         args=RewardConfig(**args, max_length=cfg.train.max_length, eval_strategy="steps",
                           eval_steps=cfg.train.checkpoint_every),
-        train_dataset=Dataset.from_list(task.preference_pairs(cfg.rejected_per_problem)),
-        eval_dataset=Dataset.from_list(task.eval_preference_pairs()),
+        train_dataset=train,
+        eval_dataset=held_out,
     )
 
 
 def main(cfg: RewardJobConfig) -> dict:
     from jobs import reward
     from rayloop import storage
+    from rayloop.evaluate import describe, on_ray, paired_difference, reward_margins
     from rayloop.posttrain import fit
 
     summary = fit(cfg, reward.build_trainer, plot_keys=["accuracy", "eval_accuracy"], plot_name="accuracy")
-    print(f"reward: step {summary.get('step')}, held-out preference accuracy "
-          f"{summary.get('eval_accuracy', float('nan')):.1%} on {cfg.task.num_eval} pairs, "
-          f"model at {summary['model_dir']}")
+    _, held_out = cfg.data()
+    before, after = (on_ray(reward_margins, model, held_out.to_list(), use_gpu=cfg.scaling.use_gpu)
+                     for model in (cfg.model.name_or_path, summary["model_dir"]))
+    margins = summary["margin"] = paired_difference(before, after)
+    summary["preference"] = paired_difference([float(m > 0) for m in before], [float(m > 0) for m in after])
+    print(f"reward: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
+          f"score margin {margins['before']:+.3f} -> {margins['after']:+.3f} (95% CI of the difference "
+          f"[{margins['ci_low']:+.3f}, {margins['ci_high']:+.3f}]); model at {summary['model_dir']}")
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 

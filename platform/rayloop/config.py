@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the field and fits on one line."""
 
 
+class JobError(RuntimeError):
+    """A run that failed for a reason the user can act on, said in one line (`run_cli` prints it, exit 1)."""
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, field docstrings become descriptions."""
 
@@ -341,4 +345,8 @@ def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = Non
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    return main(cfg)
+    try:
+        return main(cfg)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -97,23 +97,155 @@ def compare_exact_match(before_dir: str, after_dir: str, examples: list[dict], *
     return paired_difference(before, after)
 
 
-def sampled_exact_match_scores(model_dir: str, examples: list[dict], gen, *, use_gpu: bool = False) -> list[float]:
-    """Per held-out {"prompt", "answer"}: the fraction of `gen.samples_per_prompt` vLLM samples at
-    `gen.temperature` that are exactly the answer; their mean is pass@1 at that temperature."""
+# ---------------------------------------------------------------------------------------------------------------
+# The user's held-out data (rayloop.dataset): rows in one of TRL's formats, rendered as TRL renders them
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def render(rows: list[dict], tokenizer) -> list[dict]:
+    """Rows as TRL's trainers see them: an implicit preference prompt split off (the shared start), conversational
+    columns rendered to text through the tokenizer's chat template."""
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    return [maybe_apply_chat_template(maybe_extract_prompt(dict(row)), tokenizer) for row in rows]
+
+
+def _sequence_logprobs(model, tokenizer, prompt: str, completion: str) -> tuple[float, int]:
+    """(sum of log p, tokens) of `completion` + EOS after `prompt` (an empty prompt: every token after the first)."""
+    import torch
+
+    prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
+    completion_ids = tokenizer(completion, add_special_tokens=not prompt)["input_ids"]
+    if completion_ids[-1:] != [tokenizer.eos_token_id]:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
+    start = max(len(prompt_ids), 1)
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    targets = ids[0, start:]
+    return logprobs[start - 1:].gather(-1, targets[:, None]).sum().item(), len(targets)
+
+
+def loss_scores(model_dir: str, rows: list[dict]) -> list[float]:
+    """Per held-out SFT row: the mean token loss (negative log-likelihood) of its completion (prompt-completion)
+    or of the whole text (language modeling, conversational included), as SFTTrainer trains it."""
+    from rayloop.models import load_model
+
+    model, tokenizer = load_model(model_dir)
+    model.eval()
+    scores = []
+    for row in render(rows, tokenizer):
+        prompt, completion = (row["prompt"], row["completion"]) if "completion" in row else ("", row["text"])
+        total, count = _sequence_logprobs(model, tokenizer, prompt, completion)
+        scores.append(-total / count)
+    return scores
+
+
+def preference_margins(model_dir: str, rows: list[dict]) -> list[float]:
+    """Per held-out preference row: log p(chosen) - log p(rejected) under the policy (a DPO model ranks the
+    pair right when it is positive)."""
+    from rayloop.models import load_model
+
+    model, tokenizer = load_model(model_dir)
+    model.eval()
+    return [_sequence_logprobs(model, tokenizer, r["prompt"], r["chosen"])[0]
+            - _sequence_logprobs(model, tokenizer, r["prompt"], r["rejected"])[0] for r in render(rows, tokenizer)]
+
+
+def reward_margins(model_dir: str, rows: list[dict]) -> list[float]:
+    """Per held-out preference row: score(chosen) - score(rejected) of a reward model (a causal LM start gets a
+    fresh scoring head, seeded, as the reward job gives it)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rayloop.storage import local_copy, training_state
+
+    folder = local_copy(model_dir, exclude=training_state)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    def score(text: str) -> float:
+        with torch.no_grad():
+            return model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+
+    return [score(r["prompt"] + r["chosen"]) - score(r["prompt"] + r["rejected"]) for r in render(rows, tokenizer)]
+
+
+def compare_on_ray(score_fn, before_dir: str, after_dir: str, rows: list[dict], *, use_gpu: bool = False) -> dict:
+    """Paired per-row figures of two model folders, each scored in a Ray task."""
+    return paired_difference(on_ray(score_fn, before_dir, rows, use_gpu=use_gpu),
+                             on_ray(score_fn, after_dir, rows, use_gpu=use_gpu))
+
+
+def reward_scores(specs: list, rows: list[dict], completions: list[list[str]]) -> list[float]:
+    """Per held-out prompt: the mean over its sampled completions of the weighted reward sum TRL optimises (a
+    reward that answers None for a completion adds nothing, as in TRL). Runs where the reward functions import."""
+    import math
+
+    from rayloop.rewards import reward_funcs
+
+    funcs, weights = reward_funcs(specs)
+    flat_rows = [row for row, outs in zip(rows, completions) for _ in outs]
+    flat = [c for outs in completions for c in outs]
+    conversational = bool(rows) and not isinstance(rows[0]["prompt"], str)
+    if conversational:
+        flat = [[{"role": "assistant", "content": c}] for c in flat]
+    columns = {k: [r[k] for r in flat_rows] for k in flat_rows[0] if k not in ("prompt", "completion")}
+    totals = [0.0] * len(flat)
+    for func, weight in zip(funcs, weights):
+        if callable(func):
+            import asyncio
+            import inspect
+
+            kwargs = dict(prompts=[r["prompt"] for r in flat_rows], completions=flat, completion_ids=None,
+                          trainer_state=None, log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None,
+                          **columns)
+            values = asyncio.run(func(**kwargs)) if inspect.iscoroutinefunction(func) else func(**kwargs)
+        else:  # a reward model folder
+            values = _reward_model_scores(func, [r["prompt"] for r in flat_rows], flat)
+        totals = [t + weight * v if v is not None and not math.isnan(v) else t for t, v in zip(totals, values)]
+    scores, i = [], 0
+    for outs in completions:
+        scores.append(sum(totals[i: i + len(outs)]) / len(outs))
+        i += len(outs)
+    return scores
+
+
+def _reward_model_scores(folder: str, prompts: list, completions: list) -> list[float]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = [r["prompt"] + r["completion"] for r in
+             render([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)], tokenizer)]
+    with torch.no_grad():
+        return [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+
+
+def compare_rewards(specs: list, before_dir: str, after_dir: str, rows: list[dict], gens: list, *,
+                    use_gpu: bool = False) -> list[dict]:
+    """Paired held-out mean reward of two model folders' vLLM completions, one figure per sampling setting in
+    `gens` (greedy, sampled, ...), each model's completions from one engine."""
     from rayloop.generate import generate_on_ray
-    from rayloop.tasks import score
+    from rayloop.storage import local_copy, training_state
 
-    outputs = generate_on_ray(model_dir, [e["prompt"] for e in examples], gen, use_gpu=use_gpu)
-    return [sum(score(text, e["answer"]) for text in out["texts"]) / len(out["texts"])
-            for out, e in zip(outputs, examples)]
+    def prompts(model_dir: str) -> list[str]:
+        if isinstance(rows[0]["prompt"], str):
+            return [r["prompt"] for r in rows]
+        from transformers import AutoTokenizer
 
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(model_dir, exclude=training_state))
+        return [r["prompt"] for r in render([{"prompt": r["prompt"]} for r in rows], tokenizer)]
 
-def compare_sampled_exact_match(before_dir: str, after_dir: str, examples: list[dict], gen, *,
-                                use_gpu: bool = False) -> dict:
-    """Paired held-out sampled exact match (pass@1 at `gen.temperature`) of two model folders (Ray initialised)."""
-    before = sampled_exact_match_scores(before_dir, examples, gen, use_gpu=use_gpu)
-    after = sampled_exact_match_scores(after_dir, examples, gen, use_gpu=use_gpu)
-    return paired_difference(before, after)
+    scores = []  # [model][setting] -> per-row scores
+    for model_dir in (before_dir, after_dir):
+        outputs = generate_on_ray(model_dir, prompts(model_dir), gens, use_gpu=use_gpu)
+        scores.append([on_ray(reward_scores, specs, rows, [o["texts"] for o in each]) for each in outputs])
+    return [paired_difference(before, after) for before, after in zip(*scores)]
 
 
 def describe(name: str, result: dict) -> str:

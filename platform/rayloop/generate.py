@@ -10,6 +10,12 @@ def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> l
     completion and "texts" of all `gen.samples_per_prompt`.
 
     Call under a `__main__` guard or in a Ray task: vLLM's engine spawns processes (STACK.md trap 3)."""
+    return vllm_generate_each(model_dir, prompts, [gen])[0]
+
+
+def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSection]) -> list[list[dict]]:
+    """`vllm_generate` once per sampling setting in `gens`, from one engine (its settings are the first's)."""
+    gen = gens[0]
     from vllm import LLM, SamplingParams
 
     from rayloop.storage import local_copy, training_state
@@ -22,19 +28,27 @@ def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> l
         enforce_eager=gen.enforce_eager,
         seed=0,
     )
-    params = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, n=gen.samples_per_prompt, seed=0)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids),
-             "texts": [sample.text for sample in out.outputs]} for out in outputs]
+    results = []
+    for each in gens:
+        params = SamplingParams(max_tokens=each.max_tokens, temperature=each.temperature, n=each.samples_per_prompt,
+                                seed=0)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids),
+                         "texts": [sample.text for sample in out.outputs]} for out in outputs])
+    return results
 
 
-def generate_on_ray(model_dir: str, prompts: list[str], gen: GenerateSection, *, use_gpu: bool = False) -> list[dict]:
-    """vllm_generate in a Ray task holding one GPU (use_gpu) or one CPU. Ray must be initialised."""
+def generate_on_ray(model_dir: str, prompts: list[str], gen: GenerateSection | list[GenerateSection], *,
+                    use_gpu: bool = False) -> list[dict] | list[list[dict]]:
+    """vllm_generate (vllm_generate_each for a list of settings) in a Ray task holding one GPU (use_gpu) or one
+    CPU. Ray must be initialised."""
     import ray
 
     # max_calls=1: the worker exits after the task, so the engine's memory is freed now, not when Ray reaps an
     # idle worker. A later vLLM engine on the node needs that memory for its KV cache (once, in the job-submit
     # test, one failed to start; memory was the likely cause, not a proven one).
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0, max_calls=1,
-                      runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})(vllm_generate)
-    return ray.get(task.remote(model_dir, prompts, gen))
+                      runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    if isinstance(gen, list):
+        return ray.get(task(vllm_generate_each).remote(model_dir, prompts, gen))
+    return ray.get(task(vllm_generate).remote(model_dir, prompts, gen))

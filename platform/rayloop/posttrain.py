@@ -23,12 +23,13 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import ByteSize, Field, model_validator
 
-from rayloop.config import (DeepSpeedSection, JobConfig, MiB, OptimSection, ScalingSection, Section,
+from rayloop.config import (DeepSpeedSection, JobConfig, JobError, MiB, OptimSection, ScalingSection, Section,
                             StartModelSection, TaskSection)
+from rayloop.dataset import DatasetSection
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class PostTrainSection(Section):
     max_failures: int = Field(default=1, ge=-1)
     """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
     eval_samples: int = Field(default=64, ge=0)
-    """Held-out problems whose greedy exact-match accuracy is logged at each checkpoint (0: none)."""
+    """Held-out task problems whose greedy exact-match accuracy is logged at each checkpoint (0: none; the task's
+    data only)."""
     max_length: int = Field(default=128, ge=8)
     """Longest tokenized example (prompt + completion) the trainer keeps."""
     seed: int = 0
@@ -62,12 +64,42 @@ class PostTrainConfig(JobConfig):
     """Shared shape of the post-training jobs; each adds its own section."""
 
     job_name = "posttrain"
+    data_format: ClassVar[str] = "sft"
+    """Which of TRL's formats the job reads (a key of rayloop.dataset.JOB_FORMATS)."""
     model: StartModelSection
+    dataset: DatasetSection = DatasetSection()
     task: TaskSection = TaskSection()
+    """The built-in arithmetic task: the data when `dataset.path` is unset."""
     scaling: ScalingSection = ScalingSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     optim: OptimSection = OptimSection(lr=1e-4, warmup_steps=0)
     train: PostTrainSection = PostTrainSection()
+
+    @model_validator(mode="after")
+    def _dataset_fits_the_job(self):
+        if self.dataset.path is not None:
+            from rayloop.dataset import DatasetError, check
+
+            try:
+                check(self.dataset, self.data_format)
+            except DatasetError as exc:
+                raise ValueError(f"dataset: {exc}") from None
+        return self
+
+    def data(self):
+        """(train, held-out) `datasets.Dataset`s: the user's (`dataset`), else the task's (`task_data`)."""
+        if self.dataset.path is not None:
+            from rayloop.dataset import load_splits
+
+            return load_splits(self.dataset, self.data_format)
+        from datasets import Dataset
+
+        train, held_out = self.task_data()
+        return Dataset.from_list(train), Dataset.from_list(held_out)
+
+    def task_data(self) -> tuple[list[dict], list[dict]]:
+        """The arithmetic task's (train, held-out) rows in this job's format."""
+        raise NotImplementedError
 
     @property
     def global_batch_size(self) -> int:
@@ -254,6 +286,8 @@ def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool):
 
             # The same count on every rank: under ZeRO-3 each forward is a collective.
             count = cfg.train.eval_samples // cfg.scaling.num_workers * cfg.scaling.num_workers
+            if cfg.dataset.path is not None:
+                count = 0  # the user's data: its held-out figures come from the job's own evaluation
             self.examples = ArithmeticTask(cfg.task).eval_examples()[:count]
             self.writer = None
 
@@ -447,6 +481,14 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
                                         "plot_name": plot_name},
                            scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
                            num_to_keep=cfg.train.keep_checkpoints)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - a user's reward failing is one line, anything else the whole error
+        from rayloop.rewards import run_error
+
+        reason = run_error(exc)
+        if reason is None:
+            raise
+        raise JobError(reason) from None
     checkpoint = final_checkpoint(result, cfg.storage, plot=f"{plot_name}.png")
     return {**(result.metrics or {}), "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "checkpoint")}

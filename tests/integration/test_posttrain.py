@@ -60,8 +60,10 @@ def test_grpo_with_vllm_rollouts_survives_a_worker_kill(sft_result, posttrain_ru
     assert summary["resumed_from_step"] == 10, f"expected a resume from step 10, got {summary['resumed_from_step']}"
     assert summary["kl"] > 0.01, summary  # the policy moved away from its start
     assert "eval_exact_match" in summary
-    sampled = summary["sampled_exact_match"]  # 16 vLLM samples per held-out problem, before and after
+    sampled = summary["sampled_reward"]  # exact match of 16 vLLM samples per held-out problem, before and after
     assert sampled["n"] == len(ArithmeticTask(cfg.task).eval_examples()) and 0 < sampled["before"] < 1, sampled
+    greedy = summary["greedy_reward"]  # vLLM's greedy answers scored by the reward: HF's greedy exact match
+    assert abs(greedy["after"] - summary["exact_match"]["after"]) <= 0.05, (greedy, summary["exact_match"])
     load_model(summary["model_dir"])
     assert list(run.glob("checkpoint_*/reward.png")), "no reward curve beside the final checkpoint"
     tags = _tensorboard_tags(run / "tensorboard")

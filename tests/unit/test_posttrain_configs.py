@@ -1,5 +1,7 @@
 """Bad post-training configs fail in the config loader, naming the field, before Ray is asked for anything."""
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,21 +61,23 @@ def test_num_generations_must_divide_the_batch(model_dir):
 def test_rewards_cannot_be_empty_or_unknown_or_miss_their_model(model_dir):
     with pytest.raises(ConfigError, match=r"rewards: at least one reward is required"):
         grpo(model_dir, "--rewards=[]")
-    with pytest.raises(ConfigError, match=r"rewards.0.name: Input should be 'exact_match', 'format' or 'reward_model'"):
-        grpo(model_dir, "--rewards=[{name: bleu}]")
-    with pytest.raises(ConfigError, match=r"rewards.0: reward_model needs path"):
-        grpo(model_dir, "--rewards=[{name: reward_model}]")
+    with pytest.raises(ConfigError, match=r"rewards.0: give exactly one of function, url or model \(got none\)"):
+        grpo(model_dir, "--rewards=[{weight: 2}]")
+    with pytest.raises(ConfigError, match=r"rewards.0: give exactly one of .* \(got \['function', 'model'\]\)"):
+        grpo(model_dir, f"--rewards=[{{function: 'rayloop.rewards:exact_match', model: {model_dir}}}]")
     with pytest.raises(ConfigError, match=r"rewards.0: no model at '/nope'"):
-        grpo(model_dir, "--rewards=[{name: reward_model, path: /nope}]")
+        grpo(model_dir, "--rewards=[{model: /nope}]")
 
 
 def test_combined_rewards_keep_order_and_weights(model_dir):
-    from rayloop.rewards import exact_match, integer_format, reward_funcs
+    from rayloop.rewards import reward_funcs
 
-    cfg = grpo(model_dir, f"--rewards=[{{name: exact_match}}, {{name: format, weight: 0.2}}, "
-                          f"{{name: reward_model, path: {model_dir}, weight: 0.5}}]")
+    cfg = grpo(model_dir, f"--rewards=[{{function: 'rayloop.rewards:exact_match'}}, "
+                          f"{{function: 'rayloop.rewards:integer_format', weight: 0.2}}, "
+                          f"{{model: {model_dir}, weight: 0.5}}]")
     funcs, weights = reward_funcs(cfg.rewards)
-    assert funcs[:2] == [exact_match, integer_format] and funcs[2].endswith("/checkpoint")
+    assert [f.__name__ for f in funcs[:2]] == ["exact_match", "integer_format"] and funcs[2].endswith("/checkpoint")
+    assert funcs[0](prompts=["1+1="], completions=["2"], answer=["2"]) == [1.0]
     assert weights == [1.0, 0.2, 0.5]
 
 
@@ -111,3 +115,141 @@ def test_colocated_vllm_gets_its_kv_cache_in_bytes(model_dir):
         assert vllm_generation.LLM.keywords["kv_cache_memory_bytes"] == 96 << 20
         assert vllm_generation.LLM.keywords["dtype"] == "float32"
     assert not hasattr(vllm_generation.LLM, "keywords")  # restored
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The user's data and rewards: every mistake below is one line naming the field, raised by the config loader
+# (before Ray); test_user_input_errors_exit_2_before_ray runs one of them as a job.
+# ---------------------------------------------------------------------------------------------------------------
+
+USER_REWARDS = '''
+def contains_seven(completions, **kwargs):
+    return [float("7" in c) for c in completions]
+
+def no_kwargs(prompts, completions):
+    return [0.0] * len(completions)
+
+def needs_difficulty(completions, difficulty, **kwargs):
+    return [0.0] * len(completions)
+
+not_callable = 3
+'''
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def user_files(tmp_path, monkeypatch):
+    """A user's project: data files of each kind and a reward module on sys.path (a job's working directory)."""
+    from datasets import Dataset, DatasetDict
+
+    (tmp_path / "my_rewards_module.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(20)]
+    files = {
+        "prompts": _jsonl(tmp_path / "prompts.jsonl", prompts),
+        "completions": _jsonl(tmp_path / "pc.jsonl", [{"prompt": p["prompt"], "completion": p["answer"]}
+                                                      for p in prompts]),
+        "prompt_only_for_sft": _jsonl(tmp_path / "po.jsonl", [{"prompt": p["prompt"]} for p in prompts]),
+        "chosen_only": _jsonl(tmp_path / "chosen.jsonl", [{"chosen": "a"}] * 10),
+        "implicit": _jsonl(tmp_path / "implicit.jsonl", [{"chosen": "1+1=2", "rejected": "1+1=3"}] * 10),
+        "empty": tmp_path / "empty.jsonl",
+        "text": tmp_path / "notes.txt",
+        "broken": tmp_path / "broken.jsonl",
+        "numbers": _jsonl(tmp_path / "numbers.jsonl", [{"prompt": i, "completion": "x"} for i in range(10)]),
+        "nulls": _jsonl(tmp_path / "nulls.jsonl", [{"prompt": "p", "completion": None}] * 10),
+        "one": _jsonl(tmp_path / "one.jsonl", prompts[:1]),
+        "dict": tmp_path / "dict",
+    }
+    files["empty"].write_text("")
+    files["text"].write_text("some notes\n")
+    files["broken"].write_text('{"prompt": "1+1=", "answer": \n')
+    DatasetDict({"validation": Dataset.from_list(prompts)}).save_to_disk(str(files["dict"]))
+    return files
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+BAD_USER_INPUT = [
+    # (name, job, overrides with <file> placeholders, the one-line error)
+    ("missing column", SFTJobConfig, ["--dataset.path=<prompt_only_for_sft>"],
+     r"dataset: missing column 'completion': the sft job reads prompt-completion \('prompt', 'completion'\) or "
+     r"language modeling \('text'\) or conversational language modeling \('messages'\); the dataset has \['prompt'\]"),
+    ("wrong format for the job", DPOJobConfig, ["--dataset.path=<completions>"],
+     r"dataset: missing column 'chosen': the dpo job reads preference \('chosen', 'rejected'\)"),
+    ("half a preference pair", RewardJobConfig, ["--dataset.path=<chosen_only>"],
+     r"dataset: missing column 'rejected'"),
+    ("preference data for GRPO", GRPOJobConfig, ["--dataset.path=<implicit>"],
+     r"dataset: missing column 'prompt': the grpo job reads prompt-only \('prompt'\)"),
+    ("empty dataset", SFTJobConfig, ["--dataset.path=<empty>"], r"dataset: .*empty"),
+    ("no such file", SFTJobConfig, ["--dataset.path=<empty>.missing"], r"dataset: .*empty.jsonl.missing: no such file"),
+    ("not a data file", SFTJobConfig, ["--dataset.path=<text>"],
+     r"dataset: .*notes.txt: expected .jsonl, .json, .parquet or .csv files"),
+    ("malformed JSON lines", SFTJobConfig, ["--dataset.path=<broken>"], r"dataset: .*broken.jsonl: cannot be read"),
+    ("numbers where text belongs", SFTJobConfig, ["--dataset.path=<numbers>"],
+     r"dataset: column 'prompt', row 0: expected text or a list of \{role, content\} messages, got 0"),
+    ("null completion", SFTJobConfig, ["--dataset.path=<nulls>"], r"dataset: column 'completion', row 0: .* got None"),
+    ("too few rows to hold out", SFTJobConfig, ["--dataset.path=<one>"], r"dataset: .*1 example\(s\): too few"),
+    ("eval file without data", SFTJobConfig, ["--dataset.eval_path=<completions>"],
+     r"dataset.eval_path needs dataset.path"),
+    ("split not in the folder", GRPOJobConfig, ["--dataset.path=<dict>"],
+     r"dataset: .*dict: no split 'train' \(it has \['validation'\]\); set dataset.split"),
+    ("unimportable reward", GRPOJobConfig, ["--rewards=[{function: 'no_such_module:f'}]"],
+     r"rewards.0: function 'no_such_module:f': cannot import 'no_such_module': ModuleNotFoundError"),
+    ("reward not in the module", GRPOJobConfig, ["--rewards=[{function: 'my_rewards_module:missing'}]"],
+     r"rewards.0: function 'my_rewards_module:missing': 'my_rewards_module' has no function 'missing'"),
+    ("reward not callable", GRPOJobConfig, ["--rewards=[{function: 'my_rewards_module:not_callable'}]"],
+     r"rewards.0: .* has no function 'not_callable'"),
+    ("reward path without a colon", GRPOJobConfig, ["--rewards=[{function: my_rewards_module.contains_seven}]"],
+     r"rewards.0: function 'my_rewards_module.contains_seven': expected 'package.module:function'"),
+    ("reward signature without **kwargs", GRPOJobConfig, ["--rewards=[{function: 'my_rewards_module:no_kwargs'}]"],
+     r"rewards.0: function 'my_rewards_module:no_kwargs' cannot take TRL's reward arguments \(got an unexpected "
+     r"keyword argument '.*'\): .*add \*\*kwargs"),
+    ("reward needs a column the data lacks", GRPOJobConfig,
+     ["--dataset.path=<prompts>", "--rewards=[{function: 'my_rewards_module:needs_difficulty'}]"],
+     r"rewards.0: .*missing a required argument: 'difficulty'"),
+    ("built-in reward on data without answers", GRPOJobConfig,
+     ["--dataset.path=<prompt_only_for_sft>", "--rewards=[{function: 'rayloop.rewards:exact_match'}]"],
+     r"rewards.0: function 'rayloop.rewards:exact_match' cannot take .*missing a required argument: 'answer'"),
+    ("unreachable HTTP reward", GRPOJobConfig, ["--rewards=[{url: 'http://127.0.0.1:<port>/score'}]"],
+     r"rewards.0: url 'http://127.0.0.1:\d+/score': cannot reach 127.0.0.1:\d+: .*refused"),
+    ("reward URL that is not HTTP", GRPOJobConfig, ["--rewards=[{url: 'ftp://example.org/score'}]"],
+     r"rewards.0: url 'ftp://example.org/score': expected http://host\[:port\]/path"),
+]
+
+
+@pytest.mark.parametrize("name, cls, overrides, error", BAD_USER_INPUT, ids=[case[0] for case in BAD_USER_INPUT])
+def test_bad_user_input_is_one_line_naming_the_field(user_files, model_dir, name, cls, overrides, error):
+    values = {key: str(path) for key, path in user_files.items()} | {"port": str(_closed_port())}
+    argv = [f"--model.name_or_path={model_dir}",
+            *(re.sub(r"<(\w+)>", lambda m: values[m.group(1)], o) for o in overrides)]
+    with pytest.raises(ConfigError) as raised:
+        load_config(cls, argv)
+    message = str(raised.value)
+    assert "\n" not in message and re.search(error, message), message
+
+
+def test_user_data_and_reward_that_fit_are_accepted(user_files, model_dir):
+    cfg = load_config(GRPOJobConfig, [f"--model.name_or_path={model_dir}", f"--dataset.path={user_files['prompts']}",
+                                      "--rewards=[{function: 'my_rewards_module:contains_seven', weight: 2}, "
+                                      "{function: 'rayloop.rewards:exact_match'}]"])
+    train, held_out = cfg.data()
+    assert len(train) == 18 and len(held_out) == 2 and set(train.column_names) == {"prompt", "answer"}
+    assert [r.name for r in cfg.rewards] == ["contains_seven", "exact_match"]
+
+
+def test_user_input_errors_exit_2_before_ray(user_files, model_dir):
+    result = subprocess.run([sys.executable, "-m", "jobs.dpo", f"--model.name_or_path={model_dir}",
+                             f"--dataset.path={user_files['completions']}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={"RAY_ADDRESS": "127.0.0.1:1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("config error: dataset: missing column 'chosen'")
