@@ -43,6 +43,7 @@ def build_trainer(cfg: DPOJobConfig, model_dir: str, args: dict):
                        eval_steps=cfg.train.checkpoint_every),
         train_dataset=train,
         eval_dataset=held_out,
+        peft_config=cfg.peft_config(),
     )
 
 

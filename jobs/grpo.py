@@ -94,6 +94,7 @@ def build_trainer(cfg: GRPOJobConfig, model_dir: str, args: dict):
             reward_funcs=funcs,
             args=config_cls(**args, **online, beta=cfg.beta, reward_weights=weights, log_completions=False),
             train_dataset=dataset,
+            peft_config=cfg.peft_config(),
         )
     use_cpu_weight_sync(trainer)
     return trainer

@@ -12,7 +12,7 @@ result with `rewards: [{model: <this run>}]`.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rayloop.config import run_cli
 from rayloop.posttrain import PostTrainConfig, PostTrainSection
@@ -28,6 +28,13 @@ class RewardJobConfig(PostTrainConfig):
     rejected_per_problem: int = Field(default=1, ge=1)
     """The task's data: preference pairs per training problem, each with its own wrong answer (a small model needs
     many pairs to learn to check an answer rather than judge its surface)."""
+
+    @model_validator(mode="after")
+    def _no_lora(self):
+        if self.lora is not None:
+            raise ValueError("lora: the reward job trains its scoring head and body in full; LoRA is for sft, dpo "
+                             "and grpo")
+        return self
 
     def task_data(self):
         from rayloop.tasks import ArithmeticTask

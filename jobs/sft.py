@@ -39,6 +39,7 @@ def build_trainer(cfg: SFTJobConfig, model_dir: str, args: dict):
                        eval_steps=cfg.train.checkpoint_every),
         train_dataset=train,
         eval_dataset=held_out,
+        peft_config=cfg.peft_config(),
     )
 
 

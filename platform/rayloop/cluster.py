@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import rayloop
@@ -29,9 +30,16 @@ REPO_ROOT = PACKAGE_DIR.parent.parent if PACKAGE_DIR.parent.name == "platform" e
 
 
 def runtime_env() -> dict:
-    """What every Ray worker needs to import the live code: rayloop itself, plus the checkout outside a job."""
+    """What every Ray worker needs to import the live code: rayloop itself, plus the checkout outside a job, plus
+    jobs/ and serve/ in a job whose working directory is the user's own folder (their data and rewards)."""
     env: dict = {"py_modules": [str(PACKAGE_DIR)]}
     in_submitted_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    if in_submitted_job:
+        for name in ("jobs", "serve"):
+            module = sys.modules.get(name)
+            folder = Path(module.__file__).resolve().parent if module and getattr(module, "__file__", None) else None
+            if folder is not None and not folder.is_relative_to(Path.cwd().resolve()):
+                env["py_modules"].append(str(folder))
     if REPO_ROOT is not None and not in_submitted_job:
         # Outside `ray job submit` nothing else ships jobs/ and serve/; Ray honours .gitignore (.venv, runs/).
         env["working_dir"] = str(REPO_ROOT)

@@ -75,6 +75,9 @@ class StartModelSection(Section):
     name_or_path: str
     """The model to post-train: a local HF folder, a checkpoint of any rayloop job, or a run folder (its newest
     checkpoint), e.g. `~/rayloop-runs/sft-tiny`."""
+    attn_implementation: str | None = None
+    """transformers' attention kernel (`sdpa`, `eager`, `flash_attention_2` on GPUs with it installed); unset: the
+    model's default."""
 
     @field_validator("name_or_path")
     @classmethod

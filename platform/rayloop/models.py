@@ -155,7 +155,7 @@ def latest_registered_checkpoint(run_dir: str) -> str | None:
 
 def resolve_model_folder(path: str | os.PathLike) -> str:
     """The HF folder behind `path`, a local path or a URI (`s3://...`): the folder itself, a Ray Train checkpoint of
-    a rayloop job (its `hf/` or TRL's `checkpoint/`), or a run folder (its newest registered checkpoint). Raises
+    a rayloop job (its `hf/`, a LoRA run's `merged/` or TRL's `checkpoint/`), or a run folder (its newest registered checkpoint). Raises
     ValueError saying what was looked for."""
     from rayloop import storage
 
@@ -163,8 +163,26 @@ def resolve_model_folder(path: str | os.PathLike) -> str:
     for checkpoint in (root, latest_registered_checkpoint(root)):
         if checkpoint is None:
             continue
-        for candidate in (checkpoint, storage.join(checkpoint, "hf"), storage.join(checkpoint, "checkpoint")):
+        # merged/: a LoRA run's final model, its adapter merged in (its checkpoint/ holds the adapter alone).
+        for candidate in (checkpoint, storage.join(checkpoint, "hf"), storage.join(checkpoint, "merged"),
+                          storage.join(checkpoint, "checkpoint")):
             if storage.is_file(storage.join(candidate, "config.json")):
                 return candidate
     raise ValueError(f"no model at {str(path)!r}: expected an HF folder (config.json), a checkpoint holding hf/ or "
                      f"checkpoint/, or a Ray Train run folder with a registered checkpoint")
+
+
+def linear_module_names(path: str) -> set[str]:
+    """The names (last component, as peft's `target_modules` matches them) of the linear layers of the model at
+    `path`, from its config alone: the model is built on the meta device, no weights read."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rayloop import storage
+
+    config = json.loads(storage.read_text(storage.join(resolve_model_folder(path), "config.json")))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}

@@ -23,6 +23,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import ByteSize, Field, model_validator
@@ -56,8 +57,34 @@ class PostTrainSection(Section):
     """Longest tokenized example (prompt + completion) the trainer keeps."""
     seed: int = 0
     """Seed of the data order, sampling and dropout."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute): for long sequences or large
+    models."""
+    report_to: list[str] = ["tensorboard"]
+    """Where the Trainer logs besides rayloop's own figures (transformers' `report_to`: tensorboard, mlflow,
+    wandb, ...; each needs its package)."""
     fault_pause_step: int | None = None
     """Test hook: on a run's first attempt every worker sleeps 30 s after this step, so a test can kill one."""
+
+
+class LoraSection(Section):
+    """LoRA adapters through peft (TRL's `peft_config`): only the adapter trains; the run saves the adapter
+    (`<checkpoint>/checkpoint/`) and the model with it merged in (`<checkpoint>/merged/`)."""
+
+    r: int = Field(default=16, ge=1)
+    """Rank of the adapter matrices."""
+    alpha: int = Field(default=32, ge=1)
+    """Scale of the adapter's output (peft's lora_alpha; the update is scaled by alpha / r)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt (`[q_proj, v_proj]`), or `all-linear`: every linear layer but the output head."""
+
+    def peft_config(self, task_type: str = "CAUSAL_LM"):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type=task_type)
 
 
 class PostTrainConfig(JobConfig):
@@ -74,6 +101,25 @@ class PostTrainConfig(JobConfig):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     optim: OptimSection = OptimSection(lr=1e-4, warmup_steps=0)
     train: PostTrainSection = PostTrainSection()
+    lora: LoraSection | None = None
+    """Train a LoRA adapter instead of every weight (`lora: {}` for the defaults); unset: full fine-tuning."""
+
+    @model_validator(mode="after")
+    def _lora_targets_exist(self):
+        if self.lora is None or self.lora.target_modules == "all-linear":
+            return self
+        from rayloop.models import linear_module_names
+
+        try:
+            names = linear_module_names(self.model.name_or_path)
+        except ValueError:
+            return self  # a pipeline stage's model, written by the stage before it
+        targets = [self.lora.target_modules] if isinstance(self.lora.target_modules, str) else self.lora.target_modules
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise ValueError(f"lora.target_modules: {missing} match no linear layer of {self.model.name_or_path} "
+                             f"(it has {sorted(names)})")
+        return self
 
     @model_validator(mode="after")
     def _dataset_fits_the_job(self):
@@ -100,6 +146,10 @@ class PostTrainConfig(JobConfig):
     def task_data(self) -> tuple[list[dict], list[dict]]:
         """The arithmetic task's (train, held-out) rows in this job's format."""
         raise NotImplementedError
+
+    def peft_config(self, task_type: str = "CAUSAL_LM"):
+        """TRL's `peft_config`: None for full fine-tuning."""
+        return None if self.lora is None else self.lora.peft_config(task_type)
 
     @property
     def global_batch_size(self) -> int:
@@ -161,7 +211,10 @@ def training_arguments(cfg: PostTrainConfig, output_dir: str, *, bf16: bool) -> 
         save_strategy="steps",
         save_steps=t.checkpoint_every,
         save_total_limit=1,  # local copies only; storage keeps train.keep_checkpoints
-        report_to=["tensorboard"],
+        report_to=t.report_to,
+        gradient_checkpointing=t.gradient_checkpointing,
+        model_init_kwargs=({"attn_implementation": cfg.model.attn_implementation}
+                           if cfg.model.attn_implementation else None),
         bf16=bf16,  # TRL's configs default to bf16, which CPUs train slowly and DeepSpeed must agree with
         use_cpu=not cfg.scaling.use_gpu,
         deepspeed=hf_deepspeed_config(cfg.deepspeed, use_gpu=cfg.scaling.use_gpu),
@@ -491,4 +544,32 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
             raise
         raise JobError(reason) from None
     checkpoint = final_checkpoint(result, cfg.storage, plot=f"{plot_name}.png")
-    return {**(result.metrics or {}), "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "checkpoint")}
+    summary = {**(result.metrics or {}), "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "checkpoint")}
+    if cfg.lora is not None:
+        from rayloop.evaluate import on_ray
+
+        summary["adapter_dir"], summary["model_dir"] = summary["model_dir"], storage.join(checkpoint, "merged")
+        on_ray(merge_adapter, cfg.model.name_or_path, summary["adapter_dir"], summary["model_dir"],
+               use_gpu=cfg.scaling.use_gpu)
+    return summary
+
+
+def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> None:
+    """Write the base model with the LoRA adapter merged in (peft's merge_and_unload) to `out_dir`, an HF folder
+    that transformers and vLLM load like any other; config.json goes last, so a reader never sees half a folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayloop import storage
+    from rayloop.storage import local_copy, training_state
+
+    adapter = local_copy(adapter_dir, exclude=training_state)
+    base = AutoModelForCausalLM.from_pretrained(local_copy(base_dir, exclude=training_state))
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    with tempfile.TemporaryDirectory() as folder:
+        merged.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(adapter).save_pretrained(folder)
+        config = Path(folder, "config.json").read_bytes()
+        Path(folder, "config.json").unlink()
+        storage.upload(folder, out_dir)
+        storage.write_text(storage.join(out_dir, "config.json"), config.decode())

@@ -157,6 +157,30 @@ def test_sft_then_grpo_with_vllm_rollouts_start_from_the_checkpoint_in_s3(cluste
     assert "runs/grpo-tiny/tensorboard/reward.png" in keys, keys
 
 
+def test_grpo_from_a_users_own_folder_with_their_data_and_reward(cluster, tmp_path):
+    """examples/own_reward as a user has it: a folder with their prompts, their reward module and a config, and
+    nothing of rayloop's; submitted with `--working-dir <that folder>`. The reward reads a dataset column, runs in
+    both training workers (one a node), and moves the held-out figure it defines."""
+    import shutil
+
+    cluster, s3 = cluster
+    folder = shutil.copytree(ROOT / "examples" / "own_reward", tmp_path / "my-project")
+    output = cluster.submit(folder, "python", "-m", "jobs.grpo", "--config", "grpo.yaml",
+                            f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}")
+    names = cluster.node_ids()
+    reward_nodes = {names.get(line.split(" on node ")[1].split()[0]) for line in output.splitlines()
+                    if "contains_target:" in line and " on node " in line}
+    assert reward_nodes == {w.name for w in cluster.workers}, (reward_nodes, output[-3000:])
+    result = results(s3, "own-reward")
+    sampled = result["sampled_reward"]  # the share of sampled held-out completions that contain "7"
+    print(f"own reward: called on {sorted(reward_nodes)}; held-out share of sampled completions containing '7' "
+          f"{sampled['before']:.1%} -> {sampled['after']:.1%} (95% CI of the difference "
+          f"[{sampled['ci_low']:+.1%}, {sampled['ci_high']:+.1%}], n={sampled['n']}); greedy "
+          f"{result['greedy_reward']['before']:.1%} -> {result['greedy_reward']['after']:.1%}")
+    assert sampled["n"] == 48 and "exact_match" not in result, result
+    assert sampled["ci_low"] > 0 and sampled["after"] >= sampled["before"] + 0.15, sampled
+
+
 def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered_checkpoint(cluster):
     cluster, s3 = cluster
     run = "pretrain-node-failure"

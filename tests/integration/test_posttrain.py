@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from conftest import posttrain_config
-from jobs import dpo, grpo, reward
+from jobs import dpo, grpo, reward, sft
 from rayloop.models import load_model
 from rayloop.tasks import ArithmeticTask
 from test_pretrain_fault import _train_workers
@@ -72,37 +72,78 @@ def test_grpo_with_vllm_rollouts_survives_a_worker_kill(sft_result, posttrain_ru
     assert 0 < summary["time/vLLM.generate"] < summary["step_seconds"], summary  # TRL's phase timings, per step
 
 
-def test_dpo_opens_a_held_out_reward_margin(sft_result, posttrain_runs):
-    cfg = posttrain_config(dpo.DPOJobConfig, "dpo_tiny.yaml", posttrain_runs,
-                           f"--model.name_or_path={sft_result['model_dir']}", "--train.steps=100",
-                           "--train.checkpoint_every=50")
+# The user's own data (not the task): "shout" a made-up word, i.e. answer it in capitals. Written by the tests as a
+# user would ship it, in TRL's formats; the held-out words are never trained on.
+
+
+def shout_words(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6))) for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_sft_on_conversational_data_lowers_held_out_loss(pretrained_model, posttrain_runs, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"shout: {w}"}, {"role": "assistant", "content": w.upper()}]}
+            for w in shout_words(400, seed=1)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = posttrain_config(sft.SFTJobConfig, "sft_tiny.yaml", posttrain_runs, f"--model.name_or_path={pretrained_model}",
+                           f"--dataset.path={data}", "--dataset.eval_fraction=0.25", "--storage.name=sft-chat",
+                           "--train.steps=60", "--train.checkpoint_every=60", "--optim.lr=3e-3")
+    summary = sft.main(cfg)
+    loss = summary["held_out_loss"]  # per held-out conversation, paired before/after
+    assert loss["n"] == 100 and loss["ci_high"] < 0 and loss["after"] < 0.7 * loss["before"], loss
+    assert summary["perplexity"]["after"] < summary["perplexity"]["before"] and "exact_match" not in summary
+    assert "eval/loss" in _tensorboard_tags(posttrain_runs / "sft-chat" / "tensorboard")
+
+
+def shout_pairs(words: list[str], conversational: bool) -> list[dict]:
+    if conversational:  # explicit prompt, as messages
+        return [{"prompt": [{"role": "user", "content": f"shout: {w}"}],
+                 "chosen": [{"role": "assistant", "content": w.upper()}],
+                 "rejected": [{"role": "assistant", "content": w}]} for w in words]
+    return [{"chosen": f"shout: {w} -> {w.upper()}", "rejected": f"shout: {w} -> {w}"} for w in words]  # implicit
+
+
+def test_dpo_on_conversational_pairs_raises_held_out_preference_accuracy(pretrained_model, posttrain_runs,
+                                                                         tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", shout_pairs(shout_words(300, seed=2), conversational=True))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", shout_pairs(shout_words(100, seed=3), conversational=True))
+    cfg = posttrain_config(dpo.DPOJobConfig, "dpo_tiny.yaml", posttrain_runs, f"--model.name_or_path={pretrained_model}",
+                           f"--dataset.path={train}", f"--dataset.eval_path={held_out}", "--storage.name=dpo-chat",
+                           "--train.steps=60", "--train.checkpoint_every=60", "--optim.lr=5e-4")
     summary = dpo.main(cfg)
-    # DPO's implicit reward is 0 for every pair at its SFT start (policy == reference): on held-out pairs it must
-    # now rank the right answer above the wrong one more often than not, by a positive mean margin.
-    assert summary["eval_rewards/margins"] > 0, summary
-    assert summary["eval_rewards/accuracies"] > 0.5, summary
-    assert "preference" in summary and "exact_match" in summary
+    accuracy, margin = summary["preference"], summary["margin"]
+    assert accuracy["n"] == 100 and accuracy["ci_low"] > 0 and accuracy["after"] > 0.8, accuracy
+    assert margin["ci_low"] > 0, margin
+    assert "exact_match" not in summary
 
 
-def test_reward_job_trains_a_scoring_model(sft_result, posttrain_runs):
-    """A short run of the reward job: it trains, reports held-out pair accuracy and saves an HF classifier.
-    Its accuracy is not asserted here: the shipped config needs 5000 steps (~9 min; 77.0% measured, README) and a
-    short run from this 800-step SFT model stays near chance (54% after 200 steps)."""
+def test_reward_job_on_implicit_prompt_pairs_learns_to_rank_them(pretrained_model, posttrain_runs, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", shout_pairs(shout_words(400, seed=4), conversational=False))
     cfg = posttrain_config(reward.RewardJobConfig, "reward_tiny.yaml", posttrain_runs,
-                           f"--model.name_or_path={sft_result['model_dir']}", "--train.steps=100",
-                           "--train.checkpoint_every=50", "--rejected_per_problem=1")
+                           f"--model.name_or_path={pretrained_model}", f"--dataset.path={data}",
+                           "--dataset.eval_fraction=0.25", "--storage.name=reward-pairs", "--train.steps=60",
+                           "--train.checkpoint_every=60")
     summary = reward.main(cfg)
-    assert summary["step"] == 100 and 0.0 <= summary["eval_accuracy"] <= 1.0, summary
+    accuracy = summary["preference"]  # a fresh scoring head before: chance
+    assert accuracy["n"] == 100 and accuracy["ci_low"] > 0 and accuracy["after"] > 0.8, accuracy
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(summary["model_dir"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(summary["model_dir"])
     with torch.no_grad():
-        scores = model(**tokenizer(["12+34=46</s>", "12+34=47</s>"], return_tensors="pt")).logits
-    assert scores.shape == (2, 1) and scores[0] != scores[1]  # one scalar per text, and it reads the answer
-    tags = _tensorboard_tags(posttrain_runs / "reward-tiny" / "tensorboard")
-    assert {"train/accuracy", "eval/accuracy"} <= tags, tags
+        scores = model(**tokenizer(["shout: qwe -> QWE", "shout: qwe -> qwe"], return_tensors="pt",
+                                   padding=True)).logits
+    assert scores.shape == (2, 1) and scores[0] > scores[1]  # one scalar per text, and it ranks an unseen pair
 
 
 def test_cpu_weight_sync_reaches_repacked_layers(sft_result):

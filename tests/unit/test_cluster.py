@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from rayloop.cluster import PACKAGE_DIR, REPO_ROOT, local_num_cpus, runtime_env
 
 
@@ -9,8 +11,22 @@ def test_runtime_env_ships_live_source(monkeypatch):
 
 
 def test_inside_a_submitted_job_the_job_brings_the_working_dir(monkeypatch):
+    import jobs
+
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "x"}}')
+    monkeypatch.chdir(REPO_ROOT)  # the checkout is the working dir: its jobs/ travels with it
     assert "working_dir" not in runtime_env()  # the two would conflict; Ray merges py_modules in
+    assert runtime_env()["py_modules"] == [str(PACKAGE_DIR)]  # nor serve/, also there
+    assert Path(jobs.__file__).resolve().parent == REPO_ROOT / "jobs"
+
+
+def test_a_job_from_a_users_own_folder_ships_rayloops_jobs(monkeypatch, tmp_path):
+    import jobs  # noqa: F401 - imported, as `python -m jobs.grpo` has by then
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "x"}}')
+    monkeypatch.chdir(tmp_path)  # the user's folder: data and rewards, no jobs/
+    modules = runtime_env()["py_modules"]
+    assert modules[0] == str(PACKAGE_DIR) and str(REPO_ROOT / "jobs") in modules, modules
 
 
 def test_local_cluster_declares_enough_logical_cpus():

@@ -253,3 +253,23 @@ def test_user_input_errors_exit_2_before_ray(user_files, model_dir):
                             text=True, timeout=120, env={"RAY_ADDRESS": "127.0.0.1:1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("config error: dataset: missing column 'chosen'")
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    from rayloop.models import create_model_folder
+    from rayloop.tasks import ArithmeticTask
+
+    return create_model_folder("tiny", ArithmeticTask().pretrain_corpus()[:200], tmp_path_factory.mktemp("llama"))
+
+
+def test_lora_targets_must_be_linear_layers_of_the_model(llama_folder):
+    with pytest.raises(ConfigError, match=r"^lora.target_modules: \['c_attn'\] match no linear layer of .* \(it has "
+                                          r"\['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', "
+                                          r"'up_proj', 'v_proj'\]\)$"):
+        load_config(SFTJobConfig, [f"--model.name_or_path={llama_folder}", "--lora.target_modules=[q_proj, c_attn]"])
+    cfg = load_config(SFTJobConfig, [f"--model.name_or_path={llama_folder}", "--lora={r: 4}"])
+    assert cfg.peft_config().r == 4 and cfg.peft_config().target_modules == "all-linear"
+    assert load_config(SFTJobConfig, [f"--model.name_or_path={llama_folder}"]).peft_config() is None
+    with pytest.raises(ConfigError, match=r"lora: the reward job trains its scoring head and body in full"):
+        load_config(RewardJobConfig, [f"--model.name_or_path={llama_folder}", "--lora={}"])
