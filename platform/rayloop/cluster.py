@@ -5,8 +5,9 @@
 - Otherwise: start a new local cluster sized so that Ray Train and Ray Serve both schedule on a 2-core laptop.
 
 Either way the live `rayloop` source travels to every worker as a `py_modules` entry of the runtime environment,
-merged by Ray with the job's own (`--working-dir .` brings `jobs/` and `serve/`). An edit made after `pip install
--e .` is what the workers run, on this machine and on a cluster whose nodes never installed rayloop.
+merged by Ray with the job's own (`--working-dir .` from the checkout brings `jobs/` and `serve/`; from a user's
+own folder they travel as `py_modules` too). An edit made after `pip install -e .` is what the workers run, on this
+machine and on a cluster whose nodes never installed rayloop.
 Token authentication is Ray's default in 2.60 and is left on: nothing here sets RAY_AUTH_MODE.
 Serve's HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`, read where Ray starts) is the caller's choice; cluster.yaml and the
 integration tests turn it on. A local Ray started with it gets one HAProxy thread per two cores.
@@ -30,20 +31,25 @@ REPO_ROOT = PACKAGE_DIR.parent.parent if PACKAGE_DIR.parent.name == "platform" e
 
 
 def runtime_env() -> dict:
-    """What every Ray worker needs to import the live code: rayloop itself, plus the checkout outside a job, plus
-    jobs/ and serve/ in a job whose working directory is the user's own folder (their data and rewards)."""
+    """What every Ray worker needs: the live code and the folder the job runs from.
+
+    rayloop always travels as a `py_modules` entry; so do jobs/ and serve/ when the job runs from a folder that
+    does not hold them (a user's own project: data, reward modules, configs). Outside `ray job submit`, the folder
+    the job runs from becomes the working dir, as `--working-dir .` would make it, so relative paths and the
+    user's modules resolve the same way on every worker (the checkout without platform/, tests/ and bench
+    results, which travel otherwise or are not needed)."""
     env: dict = {"py_modules": [str(PACKAGE_DIR)]}
-    in_submitted_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    if in_submitted_job:
-        for name in ("jobs", "serve"):
-            module = sys.modules.get(name)
-            folder = Path(module.__file__).resolve().parent if module and getattr(module, "__file__", None) else None
-            if folder is not None and not folder.is_relative_to(Path.cwd().resolve()):
-                env["py_modules"].append(str(folder))
-    if REPO_ROOT is not None and not in_submitted_job:
-        # Outside `ray job submit` nothing else ships jobs/ and serve/; Ray honours .gitignore (.venv, runs/).
-        env["working_dir"] = str(REPO_ROOT)
-        env["excludes"] = ["platform/", "bench/results/", "tests/"]
+    here = Path.cwd().resolve()
+    for name in ("jobs", "serve"):
+        module = sys.modules.get(name)
+        folder = Path(module.__file__).resolve().parent if module and getattr(module, "__file__", None) else None
+        if folder is not None and not folder.is_relative_to(here):
+            env["py_modules"].append(str(folder))
+    # Inside a submitted job, the job brings its own. Never a home folder: it holds the runs and the caches.
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and here != Path.home().resolve():
+        env["working_dir"] = str(here)
+        if here == REPO_ROOT:
+            env["excludes"] = ["platform/", "bench/results/", "tests/"]
     return env
 
 

@@ -224,6 +224,8 @@ class GenerateSection(Section):
     """vLLM weight dtype (`auto`, `bfloat16`, `float32`)."""
     enforce_eager: bool = True
     """Skip CUDA graphs and compilation: fast start, right for CPU and tests; set false on GPUs for throughput."""
+    lora_path: str | None = None
+    """A LoRA adapter folder (peft's, local or in storage) to generate with, on top of the model."""
 
 
 class JobConfig(Section):

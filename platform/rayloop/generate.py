@@ -15,11 +15,21 @@ def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> l
 
 def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSection]) -> list[list[dict]]:
     """`vllm_generate` once per sampling setting in `gens`, from one engine (its settings are the first's)."""
-    gen = gens[0]
+    import json
+    from pathlib import Path
+
     from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
 
     from rayloop.storage import local_copy, training_state
 
+    gen, engine_lora, request = gens[0], {}, None
+    if gen.lora_path is not None:
+        adapter = local_copy(gen.lora_path, exclude=training_state)
+        rank = json.loads(Path(adapter, "adapter_config.json").read_text())["r"]
+        # vLLM sizes its LoRA buffers for one of a fixed set of ranks: the smallest that holds this adapter.
+        engine_lora = dict(enable_lora=True, max_lora_rank=min(r for r in (8, 16, 32, 64, 128, 256) if r >= rank))
+        request = LoRARequest("adapter", 1, adapter)
     llm = LLM(
         model=local_copy(model_dir, exclude=training_state),
         dtype=gen.dtype,
@@ -27,12 +37,13 @@ def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSe
         kv_cache_memory_bytes=int(gen.kv_cache_memory_bytes),
         enforce_eager=gen.enforce_eager,
         seed=0,
+        **engine_lora,
     )
     results = []
     for each in gens:
         params = SamplingParams(max_tokens=each.max_tokens, temperature=each.temperature, n=each.samples_per_prompt,
                                 seed=0)
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=request)
         results.append([{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids),
                          "texts": [sample.text for sample in out.outputs]} for out in outputs])
     return results

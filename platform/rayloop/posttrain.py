@@ -549,14 +549,18 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
         from rayloop.evaluate import on_ray
 
         summary["adapter_dir"], summary["model_dir"] = summary["model_dir"], storage.join(checkpoint, "merged")
-        on_ray(merge_adapter, cfg.model.name_or_path, summary["adapter_dir"], summary["model_dir"],
-               use_gpu=cfg.scaling.use_gpu)
+        summary["lora"] = on_ray(merge_adapter, cfg.model.name_or_path, summary["adapter_dir"], summary["model_dir"],
+                                 use_gpu=cfg.scaling.use_gpu)
+        print(f"{cfg.job_name}: LoRA trained {summary['lora']['trainable_params']:,} of "
+              f"{summary['lora']['total_params']:,} parameters ({summary['lora']['share']:.2%}); adapter at "
+              f"{summary['adapter_dir']}, merged model at {summary['model_dir']}")
     return summary
 
 
-def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> None:
+def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> dict:
     """Write the base model with the LoRA adapter merged in (peft's merge_and_unload) to `out_dir`, an HF folder
-    that transformers and vLLM load like any other; config.json goes last, so a reader never sees half a folder."""
+    that transformers and vLLM load like any other; config.json goes last, so a reader never sees half a folder.
+    Returns the adapter's parameter count against the base's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -565,7 +569,10 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> None:
 
     adapter = local_copy(adapter_dir, exclude=training_state)
     base = AutoModelForCausalLM.from_pretrained(local_copy(base_dir, exclude=training_state))
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    total = sum(p.numel() for p in base.parameters())
+    peft_model = PeftModel.from_pretrained(base, adapter)
+    trainable = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
+    merged = peft_model.merge_and_unload()
     with tempfile.TemporaryDirectory() as folder:
         merged.save_pretrained(folder)
         AutoTokenizer.from_pretrained(adapter).save_pretrained(folder)
@@ -573,3 +580,4 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> None:
         Path(folder, "config.json").unlink()
         storage.upload(folder, out_dir)
         storage.write_text(storage.join(out_dir, "config.json"), config.decode())
+    return {"trainable_params": trainable, "total_params": total, "share": trainable / total}

@@ -90,18 +90,40 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_sft_on_conversational_data_lowers_held_out_loss(pretrained_model, posttrain_runs, tmp_path):
+def test_lora_sft_on_conversational_data_lowers_held_out_loss_and_loads_in_vllm(pretrained_model, posttrain_runs,
+                                                                                tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayloop.config import GenerateSection
+    from rayloop.generate import generate_on_ray
+
+    words = shout_words(400, seed=1)
     rows = [{"messages": [{"role": "user", "content": f"shout: {w}"}, {"role": "assistant", "content": w.upper()}]}
-            for w in shout_words(400, seed=1)]
+            for w in words]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     cfg = posttrain_config(sft.SFTJobConfig, "sft_tiny.yaml", posttrain_runs, f"--model.name_or_path={pretrained_model}",
-                           f"--dataset.path={data}", "--dataset.eval_fraction=0.25", "--storage.name=sft-chat",
-                           "--train.steps=60", "--train.checkpoint_every=60", "--optim.lr=3e-3")
+                           f"--dataset.path={data}", "--dataset.eval_fraction=0.25", "--storage.name=sft-lora-chat",
+                           "--lora={r: 8, alpha: 32, target_modules: [q_proj, v_proj]}", "--train.steps=60",
+                           "--train.checkpoint_every=60", "--optim.lr=1e-2")
     summary = sft.main(cfg)
     loss = summary["held_out_loss"]  # per held-out conversation, paired before/after
-    assert loss["n"] == 100 and loss["ci_high"] < 0 and loss["after"] < 0.7 * loss["before"], loss
+    assert loss["n"] == 100 and loss["ci_high"] < 0 and loss["after"] < 0.9 * loss["before"], loss
     assert summary["perplexity"]["after"] < summary["perplexity"]["before"] and "exact_match" not in summary
-    assert "eval/loss" in _tensorboard_tags(posttrain_runs / "sft-chat" / "tensorboard")
+    assert summary["lora"]["share"] < 0.05, summary["lora"]
+    assert "eval/loss" in _tensorboard_tags(posttrain_runs / "sft-lora-chat" / "tensorboard")
+
+    # The merged folder is an ordinary HF folder; the adapter loads in vLLM on its base and changes its answers.
+    AutoModelForCausalLM.from_pretrained(summary["model_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(summary["model_dir"])
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"shout: {w}"}], tokenize=False,
+                                             add_generation_prompt=True) for w in shout_words(12, seed=9)]
+    greedy = GenerateSection(max_tokens=8, dtype="float32")
+    base = [o["text"] for o in generate_on_ray(pretrained_model, prompts, greedy)]
+    adapted = [o["text"] for o in generate_on_ray(
+        pretrained_model, prompts, greedy.model_copy(update={"lora_path": summary["adapter_dir"]}))]
+    merged = [o["text"] for o in generate_on_ray(summary["model_dir"], prompts, greedy)]
+    assert sum(a != b for a, b in zip(base, adapted)) >= 6, (base, adapted)
+    assert sum(a == m for a, m in zip(adapted, merged)) >= 10, (adapted, merged)  # the adapter is what was merged
 
 
 def shout_pairs(words: list[str], conversational: bool) -> list[dict]:

@@ -5,9 +5,20 @@ from rayloop.cluster import PACKAGE_DIR, REPO_ROOT, local_num_cpus, runtime_env
 
 def test_runtime_env_ships_live_source(monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.chdir(REPO_ROOT)
     env = runtime_env()
     assert env["py_modules"] == [str(PACKAGE_DIR)]
     assert env["working_dir"] == str(REPO_ROOT) and (REPO_ROOT / "jobs" / "pretrain.py").is_file()
+
+
+def test_a_local_run_from_a_users_folder_ships_that_folder_and_rayloops_jobs(monkeypatch, tmp_path):
+    import jobs  # noqa: F401 - imported, as `python -m jobs.grpo` has by then
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    env = runtime_env()
+    assert env["working_dir"] == str(tmp_path.resolve()) and "excludes" not in env
+    assert str(REPO_ROOT / "jobs") in env["py_modules"]
 
 
 def test_inside_a_submitted_job_the_job_brings_the_working_dir(monkeypatch):
