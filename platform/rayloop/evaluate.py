@@ -229,23 +229,29 @@ def _reward_model_scores(folder: str, prompts: list, completions: list) -> list[
 def compare_rewards(specs: list, before_dir: str, after_dir: str, rows: list[dict], gens: list, *,
                     use_gpu: bool = False) -> list[dict]:
     """Paired held-out mean reward of two model folders' vLLM completions, one figure per sampling setting in
-    `gens` (greedy, sampled, ...), each model's completions from one engine."""
-    from rayloop.generate import generate_on_ray
-    from rayloop.storage import local_copy, training_state
+    `gens` (greedy, sampled, ...); each model's completions come from one engine and are scored in its task."""
+    from rayloop.generate import run_with_vllm
 
-    def prompts(model_dir: str) -> list[str]:
-        if isinstance(rows[0]["prompt"], str):
-            return [r["prompt"] for r in rows]
+    scores = [run_with_vllm(generate_and_score, model_dir, rows, gens, specs, use_gpu=use_gpu)
+              for model_dir in (before_dir, after_dir)]
+    return [paired_difference(before, after) for before, after in zip(*scores)]
+
+
+def generate_and_score(model_dir: str, rows: list[dict], gens: list, specs: list) -> list[list[float]]:
+    """Per sampling setting, per row: the mean reward of the model's completions of the row's prompt (rendered
+    with the model's chat template where it is conversational)."""
+    from rayloop.generate import vllm_generate_each
+
+    prompts = [r["prompt"] for r in rows]
+    if not isinstance(prompts[0], str):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(local_copy(model_dir, exclude=training_state))
-        return [r["prompt"] for r in render([{"prompt": r["prompt"]} for r in rows], tokenizer)]
+        from rayloop.storage import local_copy, training_state
 
-    scores = []  # [model][setting] -> per-row scores
-    for model_dir in (before_dir, after_dir):
-        outputs = generate_on_ray(model_dir, prompts(model_dir), gens, use_gpu=use_gpu)
-        scores.append([on_ray(reward_scores, specs, rows, [o["texts"] for o in each]) for each in outputs])
-    return [paired_difference(before, after) for before, after in zip(*scores)]
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(model_dir, exclude=training_state))
+        prompts = [r["prompt"] for r in render([{"prompt": p} for p in prompts], tokenizer)]
+    outputs = vllm_generate_each(model_dir, prompts, gens)
+    return [reward_scores(specs, rows, [o["texts"] for o in each]) for each in outputs]
 
 
 def describe(name: str, result: dict) -> str:

@@ -14,7 +14,8 @@ def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> l
 
 
 def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSection]) -> list[list[dict]]:
-    """`vllm_generate` once per sampling setting in `gens`, from one engine (its settings are the first's)."""
+    """`vllm_generate` once per sampling setting in `gens`, from one engine (its settings are the first's; each
+    setting's `lora_path` adapter is applied to its own requests)."""
     import json
     from pathlib import Path
 
@@ -23,13 +24,16 @@ def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSe
 
     from rayloop.storage import local_copy, training_state
 
-    gen, engine_lora, request = gens[0], {}, None
-    if gen.lora_path is not None:
-        adapter = local_copy(gen.lora_path, exclude=training_state)
-        rank = json.loads(Path(adapter, "adapter_config.json").read_text())["r"]
-        # vLLM sizes its LoRA buffers for one of a fixed set of ranks: the smallest that holds this adapter.
-        engine_lora = dict(enable_lora=True, max_lora_rank=min(r for r in (8, 16, 32, 64, 128, 256) if r >= rank))
-        request = LoRARequest("adapter", 1, adapter)
+    gen, engine_lora, requests = gens[0], {}, {}
+    adapters = sorted({each.lora_path for each in gens if each.lora_path is not None})
+    if adapters:
+        folders = [local_copy(path, exclude=training_state) for path in adapters]
+        rank = max(json.loads(Path(folder, "adapter_config.json").read_text())["r"] for folder in folders)
+        # vLLM sizes its LoRA buffers for one of a fixed set of ranks: the smallest that holds these adapters.
+        engine_lora = dict(enable_lora=True, max_loras=len(adapters),
+                           max_lora_rank=min(r for r in (8, 16, 32, 64, 128, 256) if r >= rank))
+        requests = {path: LoRARequest(f"adapter-{i}", i + 1, folder)
+                    for i, (path, folder) in enumerate(zip(adapters, folders))}
     llm = LLM(
         model=local_copy(model_dir, exclude=training_state),
         dtype=gen.dtype,
@@ -43,7 +47,7 @@ def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSe
     for each in gens:
         params = SamplingParams(max_tokens=each.max_tokens, temperature=each.temperature, n=each.samples_per_prompt,
                                 seed=0)
-        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=request)
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=requests.get(each.lora_path))
         results.append([{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids),
                          "texts": [sample.text for sample in out.outputs]} for out in outputs])
     return results
@@ -53,13 +57,18 @@ def generate_on_ray(model_dir: str, prompts: list[str], gen: GenerateSection | l
                     use_gpu: bool = False) -> list[dict] | list[list[dict]]:
     """vllm_generate (vllm_generate_each for a list of settings) in a Ray task holding one GPU (use_gpu) or one
     CPU. Ray must be initialised."""
+    if isinstance(gen, list):
+        return run_with_vllm(vllm_generate_each, model_dir, prompts, gen, use_gpu=use_gpu)
+    return run_with_vllm(vllm_generate, model_dir, prompts, gen, use_gpu=use_gpu)
+
+
+def run_with_vllm(fn, *args, use_gpu: bool = False):
+    """`fn(*args)`, which starts a vLLM engine, in a Ray task of its own holding one GPU (use_gpu) or one CPU."""
     import ray
 
     # max_calls=1: the worker exits after the task, so the engine's memory is freed now, not when Ray reaps an
     # idle worker. A later vLLM engine on the node needs that memory for its KV cache (once, in the job-submit
     # test, one failed to start; memory was the likely cause, not a proven one).
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0, max_calls=1,
-                      runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
-    if isinstance(gen, list):
-        return ray.get(task(vllm_generate_each).remote(model_dir, prompts, gen))
-    return ray.get(task(vllm_generate).remote(model_dir, prompts, gen))
+                      runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})(fn)
+    return ray.get(task.remote(*args))

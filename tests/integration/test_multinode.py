@@ -3,7 +3,8 @@
 Everything is submitted as a user would, `ray job submit --working-dir .` from the checkout, with token auth on.
 The job drivers run on the head; training workers, vLLM engines and Serve replicas on the two worker nodes, each
 of which sees only its own /tmp, ~/.cache and ~/rayloop-runs. A run folder lives in the bucket and nowhere else.
-The tests run in order and share the cluster: pretraining's checkpoint feeds SFT, SFT's GRPO, GRPO's the endpoint.
+The tests run in order and share the cluster: pretraining's checkpoint feeds SFT, SFT's GRPO (from a user's own
+folder), GRPO's the endpoint.
 """
 
 from __future__ import annotations
@@ -138,32 +139,21 @@ def test_pretrain_zero2_and_zero3_run_on_two_nodes_with_s3_as_the_only_storage(c
         print(f"{run}: workers on {[names[n] for n in result['worker_nodes']]} ({result['worker_nodes']})")
 
 
-def test_sft_then_grpo_with_vllm_rollouts_start_from_the_checkpoint_in_s3(cluster):
-    cluster, s3 = cluster
-    common = ["--train.steps=4", "--train.checkpoint_every=2", "--train.eval_samples=8", "--task.num_train=500",
-              "--task.num_eval=20", f"--storage.path={s3.uri('runs')}"]
-    cluster.submit(ROOT, "python", "-m", "jobs.sft", "--config", "jobs/configs/sft_tiny.yaml",
-                   f"--model.name_or_path={s3.uri('runs', 'pretrain-z2')}", *common)
-    sft = results(s3, "sft-tiny")
-    assert sft["model_dir"].startswith(f"s3://{s3.bucket}/runs/sft-tiny/checkpoint_"), sft
-    cluster.submit(ROOT, "python", "-m", "jobs.grpo", "--config", "jobs/configs/grpo_tiny.yaml",
-                   f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", "--train.per_device_batch_size=8",
-                   "--rollout.engine=vllm", "--eval_samples=4", *common)
-    grpo = results(s3, "grpo-tiny")
-    assert grpo["step"] == 4 and "sampled_reward" in grpo, grpo
-    keys = s3.keys("runs/grpo-tiny/")
-    assert any(k.endswith("checkpoint/model.safetensors") for k in keys), keys
-    assert any(k.startswith("runs/grpo-tiny/tensorboard/events.out.tfevents") for k in keys), keys
-    assert "runs/grpo-tiny/tensorboard/reward.png" in keys, keys
-
-
-def test_grpo_from_a_users_own_folder_with_their_data_and_reward(cluster, tmp_path):
-    """examples/own_reward as a user has it: a folder with their prompts, their reward module and a config, and
-    nothing of rayloop's; submitted with `--working-dir <that folder>`. The reward reads a dataset column, runs in
-    both training workers (one a node), and moves the held-out figure it defines."""
+def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_reward(cluster, tmp_path):
+    """SFT starts from pretraining's checkpoint in the bucket; GRPO (vLLM rollouts) from SFT's, run from
+    examples/own_reward as a user has it: a folder with their prompts, their reward module and a config, nothing
+    of rayloop's, submitted with `--working-dir <that folder>`. The reward reads a dataset column, runs in both
+    training workers (one a node), and moves the held-out figure it defines."""
     import shutil
 
     cluster, s3 = cluster
+    cluster.submit(ROOT, "python", "-m", "jobs.sft", "--config", "jobs/configs/sft_tiny.yaml",
+                   f"--model.name_or_path={s3.uri('runs', 'pretrain-z2')}", "--train.steps=4",
+                   "--train.checkpoint_every=2", "--train.eval_samples=8", "--task.num_train=500",
+                   "--task.num_eval=20", f"--storage.path={s3.uri('runs')}")
+    sft = results(s3, "sft-tiny")
+    assert sft["model_dir"].startswith(f"s3://{s3.bucket}/runs/sft-tiny/checkpoint_"), sft
+
     folder = shutil.copytree(ROOT / "examples" / "own_reward", tmp_path / "my-project")
     output = cluster.submit(folder, "python", "-m", "jobs.grpo", "--config", "grpo.yaml",
                             f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}")
@@ -177,8 +167,12 @@ def test_grpo_from_a_users_own_folder_with_their_data_and_reward(cluster, tmp_pa
           f"{sampled['before']:.1%} -> {sampled['after']:.1%} (95% CI of the difference "
           f"[{sampled['ci_low']:+.1%}, {sampled['ci_high']:+.1%}], n={sampled['n']}); greedy "
           f"{result['greedy_reward']['before']:.1%} -> {result['greedy_reward']['after']:.1%}")
-    assert sampled["n"] == 48 and "exact_match" not in result, result
+    assert result["step"] == 20 and sampled["n"] == 48 and "exact_match" not in result, result
     assert sampled["ci_low"] > 0 and sampled["after"] >= sampled["before"] + 0.15, sampled
+    keys = s3.keys("runs/own-reward/")
+    assert any(k.endswith("checkpoint/model.safetensors") for k in keys), keys
+    assert any(k.startswith("runs/own-reward/tensorboard/events.out.tfevents") for k in keys), keys
+    assert "runs/own-reward/tensorboard/reward.png" in keys, keys
 
 
 def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered_checkpoint(cluster):
@@ -248,7 +242,7 @@ def test_serve_deploy_loads_the_model_and_a_lora_adapter_from_s3_on_a_worker_nod
     make_lora_adapter(tmp_path / "shift")
     s3.put_folder(tmp_path / "shift", "loras/shift")
     # Two replicas, one a node: the node-failure test below kills one of them under load.
-    models = (f"[{{id: policy, path: {s3.uri('runs', 'grpo-tiny')}, lora_path: {s3.uri('loras')}, "
+    models = (f"[{{id: policy, path: {s3.uri('runs', 'own-reward')}, lora_path: {s3.uri('loras')}, "
               f"max_lora_rank: 8, autoscaling: {{min_replicas: 2, max_replicas: 2}}}}]")
     output = cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--models={models}", f"--port={PORT}",
                             "--ingress=openai", f"--auth.api_key_file={key_file(tmp_path)}")

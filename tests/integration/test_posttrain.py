@@ -118,9 +118,9 @@ def test_lora_sft_on_conversational_data_lowers_held_out_loss_and_loads_in_vllm(
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"shout: {w}"}], tokenize=False,
                                              add_generation_prompt=True) for w in shout_words(12, seed=9)]
     greedy = GenerateSection(max_tokens=8, dtype="float32")
-    base = [o["text"] for o in generate_on_ray(pretrained_model, prompts, greedy)]
-    adapted = [o["text"] for o in generate_on_ray(
-        pretrained_model, prompts, greedy.model_copy(update={"lora_path": summary["adapter_dir"]}))]
+    with_adapter = greedy.model_copy(update={"lora_path": summary["adapter_dir"]})
+    base, adapted = ([o["text"] for o in outputs]
+                     for outputs in generate_on_ray(pretrained_model, prompts, [greedy, with_adapter]))
     merged = [o["text"] for o in generate_on_ray(summary["model_dir"], prompts, greedy)]
     assert sum(a != b for a, b in zip(base, adapted)) >= 6, (base, adapted)
     assert sum(a == m for a, m in zip(adapted, merged)) >= 10, (adapted, merged)  # the adapter is what was merged
