@@ -4,7 +4,8 @@ Everything is submitted as a user would, `ray job submit --working-dir .` from t
 The job drivers run on the head; training workers, vLLM engines and Serve replicas on the two worker nodes, each
 of which sees only its own /tmp, ~/.cache and ~/rayloop-runs. A run folder lives in the bucket and nowhere else.
 The tests run in order and share the cluster: pretraining's checkpoint feeds SFT, SFT's GRPO (from a user's own
-folder), GRPO's the endpoint.
+folder) and the endpoint. (The endpoint serves SFT's model: 20 steps of that reward leave GRPO's answering "7"
+to everything, which no adapter moves.)
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def test_serve_deploy_loads_the_model_and_a_lora_adapter_from_s3_on_a_worker_nod
     make_lora_adapter(tmp_path / "shift")
     s3.put_folder(tmp_path / "shift", "loras/shift")
     # Two replicas, one a node: the node-failure test below kills one of them under load.
-    models = (f"[{{id: policy, path: {s3.uri('runs', 'own-reward')}, lora_path: {s3.uri('loras')}, "
+    models = (f"[{{id: policy, path: {s3.uri('runs', 'sft-tiny')}, lora_path: {s3.uri('loras')}, "
               f"max_lora_rank: 8, autoscaling: {{min_replicas: 2, max_replicas: 2}}}}]")
     output = cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--models={models}", f"--port={PORT}",
                             "--ingress=openai", f"--auth.api_key_file={key_file(tmp_path)}")
