@@ -156,7 +156,8 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
     assert sft["model_dir"].startswith(f"s3://{s3.bucket}/runs/sft-tiny/checkpoint_"), sft
 
     folder = shutil.copytree(ROOT / "examples" / "own_reward", tmp_path / "my-project")
-    output = cluster.submit(folder, "python", "-m", "jobs.grpo", "--config", "grpo.yaml",
+    # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in words with digits (the node ids) into one line.
+    output = cluster.submit(folder, "env", "RAY_DEDUP_LOGS=0", "python", "-m", "jobs.grpo", "--config", "grpo.yaml",
                             f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}")
     names = cluster.node_ids()
     reward_nodes = {names.get(line.split(" on node ")[1].split()[0]) for line in output.splitlines()
