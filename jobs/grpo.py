@@ -40,8 +40,8 @@ class GRPOJobConfig(PostTrainConfig):
     beta: float = Field(default=0.04, ge=0)
     """KL penalty towards the starting model (0: no reference model, no KL)."""
     eval_samples: int = Field(default=16, ge=1)
-    """Completions sampled per held-out problem at `rollout.temperature` for the sampled exact match (pass@1 at
-    that temperature, the quantity GRPO's reward optimises), reported beside greedy exact match."""
+    """Completions sampled per held-out prompt at `rollout.temperature` for the held-out mean reward of sampled
+    completions (the quantity GRPO optimises), reported beside that of greedy ones."""
 
     def task_data(self):
         from rayloop.tasks import ArithmeticTask
@@ -57,10 +57,13 @@ class GRPOJobConfig(PostTrainConfig):
             raise ValueError("rewards: at least one reward is required (a function, url or model)")
         if self.dataset.path is None:
             columns = ["prompt", "answer"]
-        else:
+        else:  # the rewards score the held-out rows too: only the columns both sides have reach them there
             from rayloop.dataset import read
 
             columns = read(self.dataset.path, self.dataset.split).column_names
+            if self.dataset.eval_path is not None:
+                held_out = set(read(self.dataset.eval_path, self.dataset.eval_split).column_names)
+                columns = [c for c in columns if c in held_out]
         for i, spec in enumerate(self.rewards):
             try:
                 check_signature(spec, columns)
@@ -117,8 +120,16 @@ def main(cfg: GRPOJobConfig) -> dict:
                               kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
     greedy = sampled.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1})
     start, trained = cfg.model.name_or_path, summary["model_dir"]
-    summary["greedy_reward"], summary["sampled_reward"] = compare_rewards(cfg.rewards, start, trained, rows,
-                                                                          [greedy, sampled], use_gpu=use_gpu)
+    try:
+        summary["greedy_reward"], summary["sampled_reward"] = compare_rewards(cfg.rewards, start, trained, rows,
+                                                                              [greedy, sampled], use_gpu=use_gpu)
+    except Exception as exc:  # noqa: BLE001 - a user's reward failing on the held-out rows: one line
+        from rayloop.config import JobError
+        from rayloop.rewards import run_error
+
+        if (reason := run_error(exc)) is None:
+            raise
+        raise JobError(f"held-out evaluation: {reason}") from None
     line = (f"{cfg.algorithm}: step {summary.get('step')}, held-out reward, greedy "
             f"{_describe_reward(summary['greedy_reward'])}; sampled at temperature {cfg.rollout.temperature} "
             f"{_describe_reward(summary['sampled_reward'])}")

@@ -76,7 +76,7 @@ def main(cfg: PipelineConfig) -> dict:
         model_dir = stage_summary["model_dir"]
         acc, completions = vllm_accuracy(model_dir)
         summary[f"{name}_eval_accuracy"] = acc
-        summary[f"{name}_exact_match"] = stage_summary["exact_match"]
+        summary[f"{name}_exact_match"] = stage_summary.get("exact_match")  # on the task's data only
         table.append((name, acc))
     summary["model_dir"] = model_dir
     for example, completion in list(zip(examples, completions))[: cfg.num_samples]:

@@ -30,26 +30,29 @@ PACKAGE_DIR = Path(rayloop.__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent.parent if PACKAGE_DIR.parent.name == "platform" else None
 
 
-def runtime_env() -> dict:
+def runtime_env(joining: bool = False) -> dict:
     """What every Ray worker needs: the live code and the folder the job runs from.
 
     rayloop always travels as a `py_modules` entry; so do jobs/ and serve/ when the job runs from a folder that
-    does not hold them (a user's own project: data, reward modules, configs). Outside `ray job submit`, the folder
-    the job runs from becomes the working dir, as `--working-dir .` would make it, so relative paths and the
-    user's modules resolve the same way on every worker (the checkout without platform/, tests/ and bench
-    results, which travel otherwise or are not needed)."""
+    does not hold them (a user's own project: data, reward modules, configs). A job that starts its own local Ray
+    ships the folder it runs from as the working dir, as `--working-dir .` would, so relative paths and the user's
+    modules resolve the same way on every worker (from the checkout: without platform/, tests/ and bench results,
+    which travel otherwise or are not needed). A job that joins a running cluster (`joining`) ships no folder of
+    this machine's: `ray job submit --working-dir` is the way to send one there."""
     env: dict = {"py_modules": [str(PACKAGE_DIR)]}
     here = Path.cwd().resolve()
-    for name in ("jobs", "serve"):
-        module = sys.modules.get(name)
-        folder = Path(module.__file__).resolve().parent if module and getattr(module, "__file__", None) else None
-        if folder is not None and not folder.is_relative_to(here):
-            env["py_modules"].append(str(folder))
-    # Inside a submitted job, the job brings its own. Never a home folder: it holds the runs and the caches.
-    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and here != Path.home().resolve():
+    in_submitted_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))  # the job brings its working dir
+    # Never a home folder: it holds the runs and the caches.
+    ships_here = not in_submitted_job and not joining and here != Path.home().resolve()
+    if ships_here:
         env["working_dir"] = str(here)
         if here == REPO_ROOT:
             env["excludes"] = ["platform/", "bench/results/", "tests/"]
+    for name in ("jobs", "serve"):
+        module = sys.modules.get(name)
+        folder = Path(module.__file__).resolve().parent if module and getattr(module, "__file__", None) else None
+        if folder is not None and not ((in_submitted_job or ships_here) and folder.parent == here):
+            env["py_modules"].append(str(folder))
     return env
 
 
@@ -68,7 +71,7 @@ def init_ray(cfg: RaySection | None = None):
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        return ray.init(address=address, runtime_env=runtime_env(), logging_level=logging.WARNING)
+        return ray.init(address=address, runtime_env=runtime_env(joining=True), logging_level=logging.WARNING)
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         # HAProxy's default is 4 threads. On 2 cores they cost 0.29 CPU-s per 200 streamed requests, one thread
         # 0.13-0.16 (bench/serve.py), CPU the engine gets instead. Ray reads it where it starts.

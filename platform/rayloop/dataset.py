@@ -12,8 +12,10 @@ the trainers render through the tokenizer's chat template):
 - prompt-only: `prompt`.
 Every other column rides along: TRL hands it to reward functions as a keyword argument (e.g. `answer`).
 
-The columns are checked on the driver when the config is loaded, before Ray starts; workers read the same files
-through their node's cache (`storage.local_copy`).
+The columns are checked on the driver when the config is loaded, before Ray starts. Workers read the same files:
+from storage through their node's cache (`storage.local_copy`), or a path relative to the job's working dir, which
+Ray ships to every node; an absolute local path must be a mount every node has (an error names the node that lacks
+it).
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ class DatasetSection(Section):
     eval_path: str | None = None
     """Held-out data in the same format; unset: `eval_fraction` of `path` is held out."""
     eval_fraction: float = Field(default=0.1, gt=0, lt=1)
-    """Share of `path` held out for evaluation when `eval_path` is unset (chosen by `seed`)."""
+    """Share of `path` held out for evaluation when `eval_path` is unset, chosen by `seed` by prompt: every row
+    of a held-out prompt is held out, so no prompt is on both sides."""
     max_eval: int | None = Field(default=500, ge=1)
     """At most this many held-out examples are evaluated (before and after training); None: all."""
     split: str = "train"
-    """Split to read from a `save_to_disk` folder that holds several."""
+    """Split to read from a `save_to_disk` folder of `path` that holds several."""
+    eval_split: str = "test"
+    """Split to read from a `save_to_disk` folder of `eval_path` that holds several."""
     seed: int = 0
     """Seed of the held-out choice."""
 
@@ -62,6 +67,9 @@ class DatasetSection(Section):
     def _eval_path_needs_path(self):
         if self.eval_path is not None and self.path is None:
             raise ValueError("dataset.eval_path needs dataset.path (the task's data has its own held-out split)")
+        if self.eval_path == self.path and self.eval_split == self.split:
+            raise ValueError(f"dataset.eval_path is dataset.path and eval_split is split ({self.split!r}): the "
+                             f"held-out rows would be the training rows")
         return self
 
 
@@ -113,29 +121,51 @@ def data_format(columns: list[str], job: str) -> str:
 def load_splits(section: DatasetSection, job: str):
     """(train, eval) `datasets.Dataset`s of the user's data for `job`, checked; the same on every worker."""
     train = read(section.path, section.split)
-    if section.eval_path is not None:
-        held_out = read(section.eval_path, section.split)
-    else:
-        order = list(range(len(train)))
-        random.Random(section.seed).shuffle(order)
-        n_eval = max(1, int(len(order) * section.eval_fraction))
-        if len(order) - n_eval < 1:
-            raise DatasetError(f"{section.path}: {len(order)} example(s): too few to hold out "
-                               f"{section.eval_fraction:.0%} and train on the rest")
-        train, held_out = train.select(sorted(order[n_eval:])), train.select(sorted(order[:n_eval]))
-    for name, split in (("dataset.path", train), ("dataset.eval_path or the held-out share", held_out)):
-        if len(split) == 0:
-            raise DatasetError(f"{name}: the dataset is empty")
+    if len(train) == 0:
+        raise DatasetError(f"{section.path}: the dataset is empty")
     fmt = data_format(train.column_names, job)
-    if data_format(held_out.column_names, job) != fmt:
-        raise DatasetError(f"dataset.eval_path is {data_format(held_out.column_names, job)}, dataset.path is {fmt}")
+    if section.eval_path is not None:
+        held_out = read(section.eval_path, section.eval_split)
+        if len(held_out) == 0:
+            raise DatasetError(f"dataset.eval_path {section.eval_path}: the dataset is empty")
+        try:
+            eval_fmt = data_format(held_out.column_names, job)
+        except DatasetError as exc:
+            raise DatasetError(f"dataset.eval_path {section.eval_path}: {exc}") from None
+        if eval_fmt != fmt:
+            raise DatasetError(f"dataset.eval_path is {eval_fmt}, dataset.path is {fmt}")
+    else:
+        train, held_out = _hold_out_by_prompt(train, section)
     _check_values(train, fmt)
+    _check_values(held_out, fmt, "dataset.eval_path, " if section.eval_path else "")
     if section.max_eval is not None and len(held_out) > section.max_eval:
         held_out = held_out.select(range(section.max_eval))
     return train, held_out
 
 
-def _check_values(dataset, fmt: str) -> None:
+def _hold_out_by_prompt(dataset, section: DatasetSection):
+    """(train, held-out): `eval_fraction` of the prompts, by `seed`, with every row that shares one (preference
+    pairs and completions often come several to a prompt; a row split would put a prompt on both sides)."""
+    import json
+
+    from trl.data_utils import maybe_extract_prompt
+
+    keys = []
+    for row in dataset:
+        row = maybe_extract_prompt(dict(row))  # an implicit prompt: the start chosen and rejected share
+        keys.append(json.dumps(row.get("prompt", row.get("text", row.get("messages"))), sort_keys=True))
+    prompts = sorted(set(keys))
+    random.Random(section.seed).shuffle(prompts)
+    n_eval = max(1, int(len(prompts) * section.eval_fraction))
+    if len(prompts) - n_eval < 1:
+        raise DatasetError(f"{section.path}: {len(prompts)} distinct prompt(s): too few to hold out "
+                           f"{section.eval_fraction:.0%} and train on the rest")
+    held = set(prompts[:n_eval])
+    return (dataset.select([i for i, k in enumerate(keys) if k not in held]),
+            dataset.select([i for i, k in enumerate(keys) if k in held]))
+
+
+def _check_values(dataset, fmt: str, where: str = "") -> None:
     """The format's columns hold text or messages (not numbers, not nulls): a mistake TRL reports from deep inside
     its tokenizer; here it is one line naming the column and the row."""
     required = next(cols for name, cols in (LANGUAGE_MODELING, CONVERSATIONAL_LM, PROMPT_COMPLETION, PREFERENCE,
@@ -143,17 +173,13 @@ def _check_values(dataset, fmt: str) -> None:
     for column in (*required, *(["prompt"] if "prompt" in dataset.column_names else [])):
         for row, value in enumerate(dataset[column][:1000]):
             if not (isinstance(value, str) and value) and not is_messages(value):
-                raise DatasetError(f"column {column!r}, row {row}: expected text or a list of "
+                raise DatasetError(f"{where}column {column!r}, row {row}: expected text or a list of "
                                    f"{{role, content}} messages, got {value!r:.80}")
 
 
 def is_messages(value: Any) -> bool:
     return (isinstance(value, list) and bool(value)
             and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
-
-
-def is_conversational(example: dict) -> bool:
-    return any(is_messages(example.get(c)) for c in ("messages", "prompt", "completion", "chosen", "rejected"))
 
 
 def check(section: DatasetSection, job: str) -> str:

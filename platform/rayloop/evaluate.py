@@ -41,34 +41,6 @@ def exact_match_scores(model_dir: str, examples: list[dict], max_new_tokens: int
     return [score(c, e["answer"]) for c, e in zip(completions, examples)]
 
 
-def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str]) -> list[float]:
-    """Sum of log p(completion + EOS | prompt) per pair, under `model`."""
-    import torch
-
-    totals = []
-    model.eval()
-    with torch.no_grad():
-        for prompt, completion in zip(prompts, completions):
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
-            logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            targets = ids[0, len(prompt_ids):]
-            totals.append(logprobs[len(prompt_ids) - 1:].gather(-1, targets[:, None]).sum().item())
-    return totals
-
-
-def preference_scores(model_dir: str, pairs: list[dict]) -> list[float]:
-    """1.0/0.0 per held-out {"prompt", "chosen", "rejected"}: the model gives the chosen answer more probability."""
-    from rayloop.models import load_model
-
-    model, tokenizer = load_model(model_dir)
-    prompts = [p["prompt"] for p in pairs]
-    chosen = completion_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs])
-    rejected = completion_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs])
-    return [float(c > r) for c, r in zip(chosen, rejected)]
-
-
 def paired_difference(before: list[float], after: list[float], z: float = 1.96) -> dict[str, float]:
     """Means before and after, their difference, and its ~95% normal-approximation confidence interval, treating
     the per-example differences as the sample (a paired comparison on the same held-out examples)."""
@@ -153,8 +125,9 @@ def preference_margins(model_dir: str, rows: list[dict]) -> list[float]:
 
 
 def reward_margins(model_dir: str, rows: list[dict]) -> list[float]:
-    """Per held-out preference row: score(chosen) - score(rejected) of a reward model (a causal LM start gets a
-    fresh scoring head, seeded, as the reward job gives it)."""
+    """Per held-out preference row: score(chosen) - score(rejected) of a reward model, each text ending in EOS as
+    RewardTrainer trains it (the score is read at the last token). A causal LM start gets a fresh scoring head,
+    seeded, so the figure before training is that of a random head."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -168,6 +141,8 @@ def reward_margins(model_dir: str, rows: list[dict]) -> list[float]:
         model.config.pad_token_id = tokenizer.pad_token_id
 
     def score(text: str) -> float:
+        if not text.endswith(tokenizer.eos_token):  # a chat template ends each turn with it already
+            text += tokenizer.eos_token
         with torch.no_grad():
             return model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
 
@@ -180,16 +155,19 @@ def compare_on_ray(score_fn, before_dir: str, after_dir: str, rows: list[dict], 
                              on_ray(score_fn, after_dir, rows, use_gpu=use_gpu))
 
 
-def reward_scores(specs: list, rows: list[dict], completions: list[list[str]]) -> list[float]:
+def reward_scores(specs: list, rows: list[dict], completions: list[list[str]],
+                  completion_ids: list[list[list[int]]] | None = None) -> list[float]:
     """Per held-out prompt: the mean over its sampled completions of the weighted reward sum TRL optimises (a
-    reward that answers None for a completion adds nothing, as in TRL). Runs where the reward functions import."""
-    import math
+    reward that answers None for a completion adds nothing, as in TRL). The rewards get TRL's keywords. Runs
+    where the reward functions import."""
+    from transformers import TrainerState
 
     from rayloop.rewards import reward_funcs
 
     funcs, weights = reward_funcs(specs)
     flat_rows = [row for row, outs in zip(rows, completions) for _ in outs]
     flat = [c for outs in completions for c in outs]
+    flat_ids = [ids for per_row in completion_ids for ids in per_row] if completion_ids else [[] for _ in flat]
     conversational = bool(rows) and not isinstance(rows[0]["prompt"], str)
     if conversational:
         flat = [[{"role": "assistant", "content": c}] for c in flat]
@@ -200,9 +178,9 @@ def reward_scores(specs: list, rows: list[dict], completions: list[list[str]]) -
             import asyncio
             import inspect
 
-            kwargs = dict(prompts=[r["prompt"] for r in flat_rows], completions=flat, completion_ids=None,
-                          trainer_state=None, log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None,
-                          **columns)
+            kwargs = dict(prompts=[r["prompt"] for r in flat_rows], completions=flat, completion_ids=flat_ids,
+                          trainer_state=TrainerState(), log_extra=lambda *a, **k: None,
+                          log_metric=lambda *a, **k: None, **columns)
             values = asyncio.run(func(**kwargs)) if inspect.iscoroutinefunction(func) else func(**kwargs)
         else:  # a reward model folder
             values = _reward_model_scores(func, [r["prompt"] for r in flat_rows], flat)
@@ -215,15 +193,21 @@ def reward_scores(specs: list, rows: list[dict], completions: list[list[str]]) -
 
 
 def _reward_model_scores(folder: str, prompts: list, completions: list) -> list[float]:
+    """A reward model's scores as GRPOTrainer computes them: prompt + completion without added special tokens, a
+    conversation rendered whole through the chat template."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl.data_utils import apply_chat_template
 
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    texts = [r["prompt"] + r["completion"] for r in
-             render([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)], tokenizer)]
+    if isinstance(prompts[0], str):
+        texts = [p + c for p, c in zip(prompts, completions)]
+    else:
+        texts = [apply_chat_template({"messages": p + c}, tokenizer)["text"] for p, c in zip(prompts, completions)]
     with torch.no_grad():
-        return [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+        return [model(**tokenizer(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+                for t in texts]
 
 
 def compare_rewards(specs: list, before_dir: str, after_dir: str, rows: list[dict], gens: list, *,
@@ -251,7 +235,8 @@ def generate_and_score(model_dir: str, rows: list[dict], gens: list, specs: list
         tokenizer = AutoTokenizer.from_pretrained(local_copy(model_dir, exclude=training_state))
         prompts = [r["prompt"] for r in render([{"prompt": p} for p in prompts], tokenizer)]
     outputs = vllm_generate_each(model_dir, prompts, gens)
-    return [reward_scores(specs, rows, [o["texts"] for o in each]) for each in outputs]
+    return [reward_scores(specs, rows, [o["texts"] for o in each], [o["all_token_ids"] for o in each])
+            for each in outputs]
 
 
 def describe(name: str, result: dict) -> str:

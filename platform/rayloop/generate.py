@@ -7,7 +7,7 @@ from rayloop.config import GenerateSection
 
 def vllm_generate(model_dir: str, prompts: list[str], gen: GenerateSection) -> list[dict]:
     """Completions of `prompts` from the HF folder `model_dir`, in order, as {"text", "token_ids"} of the first
-    completion and "texts" of all `gen.samples_per_prompt`.
+    completion and "texts" and "all_token_ids" of all `gen.samples_per_prompt`.
 
     Call under a `__main__` guard or in a Ray task: vLLM's engine spawns processes (STACK.md trap 3)."""
     return vllm_generate_each(model_dir, prompts, [gen])[0]
@@ -30,8 +30,14 @@ def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSe
         folders = [local_copy(path, exclude=training_state) for path in adapters]
         rank = max(json.loads(Path(folder, "adapter_config.json").read_text())["r"] for folder in folders)
         # vLLM sizes its LoRA buffers for one of a fixed set of ranks: the smallest that holds these adapters.
-        engine_lora = dict(enable_lora=True, max_loras=len(adapters),
-                           max_lora_rank=min(r for r in (8, 16, 32, 64, 128, 256) if r >= rank))
+        from typing import get_args
+
+        from vllm.config.lora import MaxLoRARanks
+
+        fits = [r for r in get_args(MaxLoRARanks) if r >= rank]
+        if not fits:
+            raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {max(get_args(MaxLoRARanks))}")
+        engine_lora = dict(enable_lora=True, max_loras=len(adapters), max_lora_rank=min(fits))
         requests = {path: LoRARequest(f"adapter-{i}", i + 1, folder)
                     for i, (path, folder) in enumerate(zip(adapters, folders))}
     llm = LLM(
@@ -49,7 +55,8 @@ def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSe
                                 seed=0)
         outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=requests.get(each.lora_path))
         results.append([{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids),
-                         "texts": [sample.text for sample in out.outputs]} for out in outputs])
+                         "texts": [sample.text for sample in out.outputs],
+                         "all_token_ids": [list(sample.token_ids) for sample in out.outputs]} for out in outputs])
     return results
 
 

@@ -11,11 +11,12 @@ from `args` (the common TrainingArguments keywords, below) plus its own. `fit` r
 - a restarted worker group (FailureConfig) or a rerun of the same run name resumes with
   `trainer.train(resume_from_checkpoint=...)` from `ray.train.get_checkpoint()`;
 - TensorBoard gets TRL's metrics (loss, reward mean/std, KL, completion length, ...) plus held-out exact-match
-  accuracy at each checkpoint; rank 0 draws the job's curves as a PNG at the end.
+  accuracy at each checkpoint (on the task's data); rank 0 draws the job's curves as a PNG at the end.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -77,14 +78,15 @@ class LoraSection(Section):
     """Scale of the adapter's output (peft's lora_alpha; the update is scaled by alpha / r)."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
     """Dropout on the adapter's input."""
-    target_modules: str | list[str] = "all-linear"
-    """Module names to adapt (`[q_proj, v_proj]`), or `all-linear`: every linear layer but the output head."""
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    """Module names to adapt (`[q_proj, v_proj]`), or `all-linear`: every linear layer but the output head. (A
+    list: peft reads a single string as a pattern for the whole module path.)"""
 
-    def peft_config(self, task_type: str = "CAUSAL_LM"):
+    def peft_config(self):
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type=task_type)
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
 
 
 class PostTrainConfig(JobConfig):
@@ -114,8 +116,7 @@ class PostTrainConfig(JobConfig):
             names = linear_module_names(self.model.name_or_path)
         except ValueError:
             return self  # a pipeline stage's model, written by the stage before it
-        targets = [self.lora.target_modules] if isinstance(self.lora.target_modules, str) else self.lora.target_modules
-        missing = [t for t in targets if t not in names]
+        missing = [t for t in self.lora.target_modules if t not in names]
         if missing:
             raise ValueError(f"lora.target_modules: {missing} match no linear layer of {self.model.name_or_path} "
                              f"(it has {sorted(names)})")
@@ -147,9 +148,9 @@ class PostTrainConfig(JobConfig):
         """The arithmetic task's (train, held-out) rows in this job's format."""
         raise NotImplementedError
 
-    def peft_config(self, task_type: str = "CAUSAL_LM"):
+    def peft_config(self):
         """TRL's `peft_config`: None for full fine-tuning."""
-        return None if self.lora is None else self.lora.peft_config(task_type)
+        return None if self.lora is None else self.lora.peft_config()
 
     @property
     def global_batch_size(self) -> int:
@@ -536,7 +537,7 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
                            num_to_keep=cfg.train.keep_checkpoints)
     try:
         result = trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - a user's reward failing is one line, anything else the whole error
+    except Exception as exc:  # noqa: BLE001 - a user's reward or data failing is one line, anything else all of it
         from rayloop.rewards import run_error
 
         reason = run_error(exc)
@@ -545,6 +546,10 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
         raise JobError(reason) from None
     checkpoint = final_checkpoint(result, cfg.storage, plot=f"{plot_name}.png")
     summary = {**(result.metrics or {}), "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "checkpoint")}
+    # The reported metrics are the last log entry's, whose step lags when the run ends between two logs.
+    state = storage.join(checkpoint, "checkpoint", "trainer_state.json")
+    if storage.is_file(state):
+        summary["step"] = json.loads(storage.read_text(state))["global_step"]
     if cfg.lora is not None:
         from rayloop.evaluate import on_ray
 

@@ -3,7 +3,7 @@
     rewards:
       - {function: rayloop.rewards:exact_match}             # built in: 1 when the completion is the `answer`
       - {function: my_rewards:brevity, weight: 0.2}          # the user's, from the job's working directory
-      - {url: "http://127.0.0.1:8000/score", timeout_s: 10}  # any JSON endpoint
+      - {url: "http://judge.internal:8000/score", timeout_s: 10}  # any JSON endpoint the workers reach
       - {model: s3://bucket/runs/reward-tiny, weight: 0.5}   # a learned reward model (the reward job's output)
 
 A function has TRL's reward signature: `f(prompts, completions, **kwargs) -> list[float | None]`, where kwargs
@@ -12,9 +12,10 @@ be `async`. `None` means "does not apply to this completion", as in TRL. They be
 `reward_weights`: TRL sums the weighted rewards and logs each one (`rewards/<name>/mean`), and loads a reward
 model from its folder itself.
 
-What TRL does not do, and rayloop adds: the import and the signature are checked on the driver before Ray starts,
-and at run time a reward that raises, returns the wrong length or NaN stops the job with one line naming it
-(`RewardError`) instead of a traceback from deep inside the trainer, or a NaN that TRL would read as "does not
+What TRL does not do, and rayloop adds: the import, the signature and the URL are checked on the driver before Ray
+starts (a URL as the driver sees it: on a cluster, use a host the workers reach too), and at run time a reward that
+raises, returns something other than one finite number (or None) per completion stops the job with one line naming
+it (`RewardError`), instead of a traceback from deep inside the trainer, or a NaN that TRL would read as "does not
 apply".
 """
 
@@ -49,7 +50,8 @@ class RewardSpec(Section):
     weight: float = 1.0
     """Weight of this reward in the sum TRL optimises."""
     name: str | None = None
-    """Label in logs and errors; unset: the function's name, the URL's host, or `reward_model`."""
+    """Label of a function or URL reward in logs and errors; unset: the function's name or the URL's host. (TRL
+    names a `model` reward after its folder.)"""
     timeout_s: float = Field(default=30.0, gt=0)
     """For `url`: seconds to wait for an answer."""
 
@@ -156,21 +158,28 @@ def integer_format(completions, **_) -> list[float]:
 
 
 def _checked_output(name: str, rewards: Any, expected: int) -> list:
-    if not isinstance(rewards, list | tuple):
+    import numbers
+
+    if isinstance(rewards, str | bytes | dict) or not hasattr(rewards, "__len__"):
         raise RewardError(f"reward {name!r} returned {type(rewards).__name__}, expected a list of {expected} numbers")
+    rewards = list(rewards)  # a list, a tuple or a numpy array, as TRL takes them
     if len(rewards) != expected:
         raise RewardError(f"reward {name!r} returned {len(rewards)} rewards for {expected} completions")
     for i, value in enumerate(rewards):
         if value is None:
             continue  # TRL's "does not apply"
-        if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
-            raise RewardError(f"reward {name!r} returned {value!r} for completion {i}: expected a number or None")
-    return list(rewards)
+        # numbers.Real covers bools and numpy scalars, as TRL's torch.tensor(...) does.
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise RewardError(f"reward {name!r} returned {value!r} for completion {i}: expected a finite number or "
+                              f"None")
+    return rewards
 
 
 def checked(function: Callable, name: str) -> Callable:
     """`function` behind the run-time checks, under `name` (TRL logs a reward by its callable's name)."""
-    if inspect.iscoroutinefunction(function):
+    from trl.trainer.utils import is_async_callable
+
+    if is_async_callable(function):  # TRL's own test: it decides how TRL calls the wrapper
         @functools.wraps(function)
         async def guarded_async(*args, **kwargs):
             try:
@@ -244,8 +253,10 @@ def reward_funcs(specs: list[RewardSpec]) -> tuple[list, list[float]]:
 
 
 def run_error(exc: BaseException) -> str | None:
-    """The one-line `RewardError` message inside a failed run (Ray Train wraps the worker's error), if any."""
+    """The one-line message of a `RewardError` or `DatasetError` inside a failed run (Ray wraps the worker's
+    error in its own), if any."""
     for line in str(exc).splitlines():
-        if "RewardError: " in line:
-            return line.split("RewardError: ", 1)[1].strip()
+        for kind in ("RewardError: ", "DatasetError: "):
+            if kind in line:
+                return line.split(kind, 1)[1].strip()
     return None

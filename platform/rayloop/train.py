@@ -136,10 +136,10 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    # Ray Train moves each worker into a scratch folder of its own unless told not to (read here, where the trainer
-    # is built). Left in the job's working dir, workers resolve a relative `dataset.path` and import a reward module
+    # Ray Train moves each worker into a scratch folder of its own unless told not to (read by `fit()` in this
+    # process). Left in the job's working dir, workers resolve a relative `dataset.path` and import a reward module
     # exactly as the driver does, the way a `ray job submit --working-dir` user expects.
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     run_dir = storage.run_dir()
     storage_path, name = run_dir.rsplit("/", 1)
     notice = resume_notice(run_dir)

@@ -4,8 +4,8 @@ Everything is submitted as a user would, `ray job submit --working-dir .` from t
 The job drivers run on the head; training workers, vLLM engines and Serve replicas on the two worker nodes, each
 of which sees only its own /tmp, ~/.cache and ~/rayloop-runs. A run folder lives in the bucket and nowhere else.
 The tests run in order and share the cluster: pretraining's checkpoint feeds SFT, SFT's GRPO (from a user's own
-folder) and the endpoint. (The endpoint serves SFT's model: 20 steps of that reward leave GRPO's answering "7"
-to everything, which no adapter moves.)
+folder) and the endpoint. (The endpoint serves SFT's model: a few steps of that reward leave GRPO's answering
+"7" to everything, which no adapter moves.)
 """
 
 from __future__ import annotations
@@ -140,6 +140,19 @@ def test_pretrain_zero2_and_zero3_run_on_two_nodes_with_s3_as_the_only_storage(c
         print(f"{run}: workers on {[names[n] for n in result['worker_nodes']]} ({result['worker_nodes']})")
 
 
+NODE_PROBE = """
+import ray
+
+import my_rewards
+
+
+def contains_target(prompts, completions, **kwargs):
+    print(f"contains_target: {len(completions)} completions on node {ray.get_runtime_context().get_node_id()}",
+          flush=True)
+    return my_rewards.contains_target(prompts, completions, **kwargs)
+"""
+
+
 def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_reward(cluster, tmp_path):
     """SFT starts from pretraining's checkpoint in the bucket; GRPO (vLLM rollouts) from SFT's, run from
     examples/own_reward as a user has it: a folder with their prompts, their reward module and a config, nothing
@@ -156,10 +169,13 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
     assert sft["model_dir"].startswith(f"s3://{s3.bucket}/runs/sft-tiny/checkpoint_"), sft
 
     folder = shutil.copytree(ROOT / "examples" / "own_reward", tmp_path / "my-project")
+    # The user's reward, behind a probe that says which node each call ran on.
+    (folder / "node_probe.py").write_text(NODE_PROBE)
     # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in words with digits (the node ids) into one line.
     output = cluster.submit(folder, "env", "RAY_DEDUP_LOGS=0", "python", "-m", "jobs.grpo", "--config", "grpo.yaml",
                             f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}",
-                            "--train.steps=10", "--train.checkpoint_every=5")
+                            "--train.steps=10", "--train.checkpoint_every=5",
+                            "--rewards=[{function: 'node_probe:contains_target'}]")
     names = cluster.node_ids()
     reward_nodes = {names.get(line.split(" on node ")[1].split()[0]) for line in output.splitlines()
                     if "contains_target:" in line and " on node " in line}

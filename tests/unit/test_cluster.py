@@ -43,3 +43,12 @@ def test_a_job_from_a_users_own_folder_ships_rayloops_jobs(monkeypatch, tmp_path
 def test_local_cluster_declares_enough_logical_cpus():
     assert local_num_cpus(None) >= 8
     assert local_num_cpus(3) == 3
+
+
+def test_joining_a_cluster_ships_no_local_folder_but_rayloops_jobs(monkeypatch):
+    import jobs  # noqa: F401 - imported, as `python -m jobs.pretrain` has by then
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.chdir(REPO_ROOT)
+    env = runtime_env(joining=True)
+    assert "working_dir" not in env and str(REPO_ROOT / "jobs") in env["py_modules"]

@@ -74,3 +74,21 @@ def test_conversational_rows_pass_the_value_check(tmp_path):
             for i in range(10)]
     train, _ = load_splits(DatasetSection(path=str(write_jsonl(tmp_path / "chat.jsonl", rows))), "sft")
     assert train[0]["messages"][1]["role"] == "assistant"
+
+
+def test_the_held_out_share_keeps_every_row_of_a_prompt_together(tmp_path):
+    # Four pairs per prompt, as preference data often comes: no prompt may be on both sides.
+    rows = [{"prompt": f"q{i}", "chosen": f"right{j}", "rejected": f"wrong{j}"} for i in range(10) for j in range(4)]
+    train, held_out = load_splits(DatasetSection(path=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+                                                 eval_fraction=0.2), "dpo")
+    assert len(held_out) == 8 and len(train) == 32
+    assert not {r["prompt"] for r in train.to_list()} & {r["prompt"] for r in held_out.to_list()}
+
+
+def test_eval_rows_are_checked_too(tmp_path):
+    train_path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "q", "completion": None}])
+    with pytest.raises(DatasetError, match=r"^dataset.eval_path, column 'completion', row 0"):
+        load_splits(DatasetSection(path=str(train_path), eval_path=str(eval_path)), "sft")
+    with pytest.raises(ValueError, match="the held-out rows would be the training rows"):
+        DatasetSection(path=str(train_path), eval_path=str(train_path), eval_split="train")

@@ -160,7 +160,7 @@ def user_files(tmp_path, monkeypatch):
         "text": tmp_path / "notes.txt",
         "broken": tmp_path / "broken.jsonl",
         "numbers": _jsonl(tmp_path / "numbers.jsonl", [{"prompt": i, "completion": "x"} for i in range(10)]),
-        "nulls": _jsonl(tmp_path / "nulls.jsonl", [{"prompt": "p", "completion": None}] * 10),
+        "nulls": _jsonl(tmp_path / "nulls.jsonl", [{"prompt": f"p{i}", "completion": None} for i in range(10)]),
         "one": _jsonl(tmp_path / "one.jsonl", prompts[:1]),
         "dict": tmp_path / "dict",
     }
@@ -198,7 +198,7 @@ BAD_USER_INPUT = [
     ("numbers where text belongs", SFTJobConfig, ["--dataset.path=<numbers>"],
      r"dataset: column 'prompt', row 0: expected text or a list of \{role, content\} messages, got 0"),
     ("null completion", SFTJobConfig, ["--dataset.path=<nulls>"], r"dataset: column 'completion', row 0: .* got None"),
-    ("too few rows to hold out", SFTJobConfig, ["--dataset.path=<one>"], r"dataset: .*1 example\(s\): too few"),
+    ("too few rows to hold out", GRPOJobConfig, ["--dataset.path=<one>"], r"dataset: .*1 distinct prompt\(s\): too few"),
     ("eval file without data", SFTJobConfig, ["--dataset.eval_path=<completions>"],
      r"dataset.eval_path needs dataset.path"),
     ("split not in the folder", GRPOJobConfig, ["--dataset.path=<dict>"],

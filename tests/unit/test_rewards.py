@@ -29,7 +29,8 @@ CALL = {"prompts": ["a", "b"], "completions": ["x", "y"], "completion_ids": None
 
 @pytest.mark.parametrize("returned, error", [
     ([1.0], r"reward 'mine' returned 1 rewards for 2 completions"),
-    ([1.0, float("nan")], r"reward 'mine' returned nan for completion 1: expected a number or None"),
+    ([1.0, float("nan")], r"reward 'mine' returned nan for completion 1: expected a finite number or None"),
+    ([float("inf"), 1.0], r"reward 'mine' returned inf for completion 0"),
     ([1.0, "high"], r"reward 'mine' returned 'high' for completion 1"),
     (0.5, r"reward 'mine' returned float, expected a list of 2 numbers"),
 ])
@@ -45,6 +46,9 @@ def test_a_reward_that_raises_is_named_and_none_still_means_not_applicable():
     with pytest.raises(RewardError, match=r"^reward 'mine' raised KeyError: 'score'$"):
         checked(broken, "mine")(**CALL)
     assert checked(lambda **_: [None, 2], "mine")(**CALL) == [None, 2]
+    import numpy as np
+
+    assert checked(lambda **_: np.array([0.5, 1.0], dtype=np.float32), "mine")(**CALL) == [0.5, 1.0]  # as TRL takes
 
 
 def test_async_rewards_stay_async_and_are_checked():
