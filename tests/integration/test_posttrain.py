@@ -156,17 +156,22 @@ def test_reward_job_on_implicit_prompt_pairs_learns_to_rank_them(pretrained_mode
                            "--dataset.eval_fraction=0.25", "--storage.name=reward-pairs", "--train.steps=60",
                            "--train.checkpoint_every=60")
     summary = reward.main(cfg)
-    accuracy = summary["preference"]  # a fresh scoring head before: chance (55% measured), 77% after 60 steps
+    accuracy = summary["preference"]  # a fresh scoring head before: chance (52-55% measured), 100% after 60 steps
     assert accuracy["n"] == 100 and accuracy["ci_low"] > 0 and accuracy["after"] > 0.7, accuracy
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(summary["model_dir"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(summary["model_dir"])
-    with torch.no_grad():
-        scores = model(**tokenizer(["shout: qwe -> QWE", "shout: qwe -> qwe"], return_tensors="pt",
-                                   padding=True)).logits
-    assert scores.shape == (2, 1) and scores[0] > scores[1]  # one scalar per text, and it ranks an unseen pair
+
+    def score(text: str) -> torch.Tensor:  # each text ends in EOS, as RewardTrainer trains on it
+        with torch.no_grad():
+            return model(**tokenizer(text + tokenizer.eos_token, return_tensors="pt")).logits
+
+    unseen = shout_pairs(shout_words(20, seed=5), conversational=False)
+    assert score(unseen[0]["chosen"]).shape == (1, 1)  # one scalar per text
+    ranked = sum(bool(score(p["chosen"]) > score(p["rejected"])) for p in unseen)
+    assert ranked >= 16, ranked  # plain transformers, outside the job, ranks pairs it never saw
 
 
 def test_cpu_weight_sync_reaches_repacked_layers(sft_result):
