@@ -6,12 +6,16 @@ VENV ?= .venv
 VLLM ?= cpu
 STAMP := $(VENV)/.installed-$(VLLM)
 
-.PHONY: demo test unit env
+.PHONY: demo test test-formats unit env
 demo: $(STAMP)
 	$(VENV)/bin/python -m jobs.pipeline --config jobs/configs/pipeline_tiny.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests
+
+# Every post-training job on each of TRL's data formats, RLOO, LoRA in DPO and GRPO (~15 min on 2 cores).
+test-formats: $(STAMP)
+	RAYLOOP_TEST_FORMATS=1 $(VENV)/bin/python -m pytest tests/integration/test_formats.py
 
 unit: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit

@@ -163,7 +163,7 @@ def resolve_model_folder(path: str | os.PathLike) -> str:
     for checkpoint in (root, latest_registered_checkpoint(root)):
         if checkpoint is None:
             continue
-        # merged/: a LoRA run's final model, its adapter merged in (its checkpoint/ holds the adapter alone).
+        # merged/: a LoRA run's final model, its adapter merged in (adapter/ holds the adapter alone).
         for candidate in (checkpoint, storage.join(checkpoint, "hf"), storage.join(checkpoint, "merged"),
                           storage.join(checkpoint, "checkpoint")):
             if storage.is_file(storage.join(candidate, "config.json")):

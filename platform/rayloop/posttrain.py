@@ -69,8 +69,8 @@ class PostTrainSection(Section):
 
 
 class LoraSection(Section):
-    """LoRA adapters through peft (TRL's `peft_config`): only the adapter trains; the run saves the adapter
-    (`<checkpoint>/checkpoint/`) and the model with it merged in (`<checkpoint>/merged/`)."""
+    """LoRA adapters through peft (TRL's `peft_config`): only the adapter trains; the run saves the adapter alone
+    (`<checkpoint>/adapter/`) and the model with it merged in (`<checkpoint>/merged/`)."""
 
     r: int = Field(default=16, ge=1)
     """Rank of the adapter matrices."""
@@ -553,36 +553,46 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
     if cfg.lora is not None:
         from rayloop.evaluate import on_ray
 
-        summary["adapter_dir"], summary["model_dir"] = summary["model_dir"], storage.join(checkpoint, "merged")
-        summary["lora"] = on_ray(merge_adapter, cfg.model.name_or_path, summary["adapter_dir"], summary["model_dir"],
-                                 use_gpu=cfg.scaling.use_gpu)
+        trained = summary["model_dir"]
+        summary["adapter_dir"], summary["model_dir"] = storage.join(checkpoint, "adapter"), storage.join(checkpoint,
+                                                                                                         "merged")
+        summary["lora"] = on_ray(merge_adapter, cfg.model.name_or_path, trained, summary["adapter_dir"],
+                                 summary["model_dir"], use_gpu=cfg.scaling.use_gpu)
         print(f"{cfg.job_name}: LoRA trained {summary['lora']['trainable_params']:,} of "
               f"{summary['lora']['total_params']:,} parameters ({summary['lora']['share']:.2%}); adapter at "
               f"{summary['adapter_dir']}, merged model at {summary['model_dir']}")
     return summary
 
 
-def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> dict:
-    """Write the base model with the LoRA adapter merged in (peft's merge_and_unload) to `out_dir`, an HF folder
-    that transformers and vLLM load like any other; config.json goes last, so a reader never sees half a folder.
-    Returns the adapter's parameter count against the base's."""
+def merge_adapter(base_dir: str, trained_dir: str, adapter_dir: str, out_dir: str) -> dict:
+    """From the trainer's checkpoint folder (`trained_dir`), write the adapter alone to `adapter_dir` (what vLLM
+    and the serve app load as a LoRA adapter: the checkpoint also holds DeepSpeed's state, whose model file carries
+    the frozen base too) and the base with the adapter merged in (peft's merge_and_unload) to `out_dir`, an HF
+    folder that transformers and vLLM load like any other. adapter_config.json and config.json go last, so a
+    reader never sees half a folder. Returns the adapter's parameter count against the base's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rayloop import storage
     from rayloop.storage import local_copy, training_state
 
-    adapter = local_copy(adapter_dir, exclude=training_state)
+    adapter = local_copy(trained_dir, exclude=training_state)
     base = AutoModelForCausalLM.from_pretrained(local_copy(base_dir, exclude=training_state))
     total = sum(p.numel() for p in base.parameters())
     peft_model = PeftModel.from_pretrained(base, adapter)
     trainable = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
-    merged = peft_model.merge_and_unload()
-    with tempfile.TemporaryDirectory() as folder:
-        merged.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(adapter).save_pretrained(folder)
-        config = Path(folder, "config.json").read_bytes()
-        Path(folder, "config.json").unlink()
-        storage.upload(folder, out_dir)
-        storage.write_text(storage.join(out_dir, "config.json"), config.decode())
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+
+    def publish(model, out: str, last: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            marker = Path(folder, last).read_bytes()
+            Path(folder, last).unlink()
+            storage.upload(folder, out)
+            storage.write_text(storage.join(out, last), marker.decode())
+
+    peft_model.peft_config["default"].base_model_name_or_path = base_dir  # not this worker's cache copy
+    publish(peft_model, adapter_dir, "adapter_config.json")
+    publish(peft_model.merge_and_unload(), out_dir, "config.json")
     return {"trainable_params": trainable, "total_params": total, "share": trainable / total}

@@ -113,8 +113,8 @@ def test_lora_sft_on_conversational_data_lowers_held_out_loss_and_loads_in_vllm(
     assert summary["lora"]["share"] < 0.05, summary["lora"]
     assert "eval/loss" in _tensorboard_tags(posttrain_runs / "sft-lora-chat" / "tensorboard")
 
-    # The adapter loads in vLLM on its base and changes its answers; the merged folder is an ordinary HF folder
-    # holding the base with that adapter folded in (same logits as peft's base + adapter).
+    # The adapter loads in vLLM on its base and changes its answers; the merged folder loads in vLLM and in
+    # transformers as an ordinary HF folder, holding the base with that adapter folded in.
     import torch
     from peft import PeftModel
 
@@ -127,6 +127,8 @@ def test_lora_sft_on_conversational_data_lowers_held_out_loss_and_loads_in_vllm(
     base, adapted = ([o["text"] for o in outputs]
                      for outputs in generate_on_ray(pretrained_model, prompts, [greedy, with_adapter]))
     assert sum(a != b for a, b in zip(base, adapted)) >= 6, (base, adapted)
+    from_merged = [o["text"] for o in generate_on_ray(summary["model_dir"], prompts, greedy)]
+    assert sum(a == m for a, m in zip(adapted, from_merged)) >= 10, (adapted, from_merged)
     with_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained_model),
                                           summary["adapter_dir"]).eval()
     batch = tokenizer(prompts[:4], return_tensors="pt", padding=True)
