@@ -2,7 +2,7 @@
 conversational pairs without a prompt column, whose rendering the reward job's case shares), RLOO, and LoRA in DPO
 and in GRPO with vLLM rollouts: real runs asserting a held-out effect of that data.
 
-About 15 minutes on 2 cores, so `make test` leaves it out (it trains one format per job) and `make test-formats`
+About 10 minutes on 2 cores, so `make test` leaves it out (it trains one format per job) and `make test-formats`
 runs it."""
 
 import json
