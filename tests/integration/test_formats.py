@@ -1,6 +1,5 @@
-"""Post-training jobs on user data in TRL's formats that test_posttrain.py does not train on (all but DPO on
-conversational pairs without a prompt column, whose rendering the reward job's case shares), RLOO, and LoRA in DPO
-and in GRPO with vLLM rollouts: real runs asserting a held-out effect of that data.
+"""Every post-training job on user data in each of TRL's formats that test_posttrain.py does not train on, RLOO,
+and LoRA in DPO and in GRPO with vLLM rollouts: real runs asserting a held-out effect of that data.
 
 About 10 minutes on 2 cores, so `make test` leaves it out (it trains one format per job) and `make test-formats`
 runs it."""
@@ -56,7 +55,7 @@ def preference_rows(fmt: str, words: list[str]) -> list[dict]:
             for w in words]
 
 
-@pytest.mark.parametrize("fmt,lora", [("explicit", False), ("implicit", True)])
+@pytest.mark.parametrize("fmt,lora", [("explicit", False), ("implicit", True), ("conversational-implicit", False)])
 def test_dpo_on_each_format_raises_held_out_preference_accuracy(pretrained_model, posttrain_runs, tmp_path, fmt,
                                                                 lora):
     train = write_jsonl(tmp_path / "train.jsonl", preference_rows(fmt, shout_words(300, seed=12)))

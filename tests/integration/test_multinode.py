@@ -174,7 +174,7 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
     # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in words with digits (the node ids) into one line.
     output = cluster.submit(folder, "env", "RAY_DEDUP_LOGS=0", "python", "-m", "jobs.grpo", "--config", "grpo.yaml",
                             f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}",
-                            "--train.steps=10", "--train.checkpoint_every=5",
+                            "--train.steps=10", "--train.checkpoint_every=5", "--scaling.placement_strategy=SPREAD",
                             "--rewards=[{function: 'node_probe:contains_target'}]")
     names = cluster.node_ids()
     reward_nodes = {names.get(line.split(" on node ")[1].split()[0]) for line in output.splitlines()
