@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import rayloop
-from rayloop.config import RaySection
+from rayloop.config import JobError, RaySection
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,21 @@ def local_num_cpus(requested: int | None) -> int:
     return requested or max(8, os.cpu_count() or 1)
 
 
+def check_reachable(address: str, source: str = "RAY_ADDRESS", timeout_s: float = 5.0) -> None:
+    """Fail in seconds, in one line, when the cluster's port does not answer: ray.init retries its GCS connection
+    for over a minute and then raises a traceback. Addresses without a port (`auto`) are left to ray.init."""
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise JobError(f"Ray is not reachable at {address!r} ({exc.strerror or exc}): start the cluster, or unset "
+                       f"{source} to run on a local Ray") from None
+
+
 def init_ray(cfg: RaySection | None = None):
     """Join the configured cluster or start a local one; idempotent. Returns ray's context."""
     import ray
@@ -71,7 +86,11 @@ def init_ray(cfg: RaySection | None = None):
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        return ray.init(address=address, runtime_env=runtime_env(joining=True), logging_level=logging.WARNING)
+        check_reachable(address, "ray.address" if cfg.address else "RAY_ADDRESS")
+        try:
+            return ray.init(address=address, runtime_env=runtime_env(joining=True), logging_level=logging.WARNING)
+        except ConnectionError as exc:  # `auto` with no cluster running here
+            raise JobError(f"Ray is not reachable at {address!r}: {str(exc).splitlines()[0]}") from None
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         # HAProxy's default is 4 threads. On 2 cores they cost 0.29 CPU-s per 200 streamed requests, one thread
         # 0.13-0.16 (bench/serve.py), CPU the engine gets instead. Ray reads it where it starts.

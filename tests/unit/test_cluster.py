@@ -52,3 +52,47 @@ def test_joining_a_cluster_ships_no_local_folder_but_rayloops_jobs(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     env = runtime_env(joining=True)
     assert "working_dir" not in env and str(REPO_ROOT / "jobs") in env["py_modules"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_an_unreachable_cluster_address_is_one_line_naming_where_it_came_from():
+    import socket
+
+    import pytest
+
+    from rayloop.cluster import check_reachable
+    from rayloop.config import JobError
+
+    port = _closed_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(JobError, match="Ray is not reachable at .*Connection refused.*unset ray.address"):
+            check_reachable(address, "ray.address")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # answers: ray.init takes it from here
+    check_reachable("auto")  # no port to try: ray.init finds the local cluster or says there is none
+
+
+def test_a_job_with_ray_address_pointing_at_nothing_exits_in_seconds(tmp_path):
+    """ray.init alone retries the GCS for over a minute, then prints a traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{_closed_port()}", "RAYLOOP_STORAGE": str(tmp_path)}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "jobs.pretrain", "--config", "jobs/configs/pretrain_tiny.yaml"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and "Ray is not reachable" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and elapsed < 20, elapsed
