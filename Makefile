@@ -13,7 +13,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests
 
-# Every post-training job on each of TRL's data formats, RLOO, LoRA in DPO and GRPO (~10 min on 2 cores).
+# Every post-training job on each of TRL's data formats, RLOO, LoRA in DPO and GRPO (~11 min on 2 cores).
 test-formats: $(STAMP)
 	RAYLOOP_TEST_FORMATS=1 $(VENV)/bin/python -m pytest tests/integration/test_formats.py
 

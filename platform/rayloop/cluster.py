@@ -66,11 +66,21 @@ def check_reachable(address: str, source: str = "RAY_ADDRESS", timeout_s: float 
     for over a minute and then raises a traceback. Addresses without a port (`auto`) are left to ray.init."""
     import socket
 
-    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    scheme, _, rest = address.rpartition("://")
+    if scheme in ("http", "https"):
+        raise JobError(f"{source}={address!r} is the job API's address (for `ray job submit`); a job joins a cluster at "
+                       f"its GCS address, host:6379 (or ray://host:10001), or unset {source} to run on a local Ray")
+    host, _, port = rest.rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         return
+    host = host.strip("[]")
+    if not scheme and host in ("localhost", "127.0.0.1", "::1"):
+        import ray.util
+
+        # ray.init joins a loopback address at this node's IP, where the head's GCS listens (not on loopback).
+        host = ray.util.get_node_ip_address()
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise JobError(f"Ray is not reachable at {address!r} ({exc.strerror or exc}): start the cluster, or unset "
                        f"{source} to run on a local Ray") from None
@@ -89,8 +99,10 @@ def init_ray(cfg: RaySection | None = None):
         check_reachable(address, "ray.address" if cfg.address else "RAY_ADDRESS")
         try:
             return ray.init(address=address, runtime_env=runtime_env(joining=True), logging_level=logging.WARNING)
-        except ConnectionError as exc:  # `auto` with no cluster running here
-            raise JobError(f"Ray is not reachable at {address!r}: {str(exc).splitlines()[0]}") from None
+        except ConnectionError as exc:  # e.g. `auto` with no cluster here, or a driver on a machine without a node
+            cause = exc.__cause__ or exc
+            raise JobError(f"could not join Ray at {address!r}: {str(cause).strip().splitlines()[0]} (from another "
+                           f"machine, submit the job with `ray job submit` instead)") from None
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         # HAProxy's default is 4 threads. On 2 cores they cost 0.29 CPU-s per 200 streamed requests, one thread
         # 0.13-0.16 (bench/serve.py), CPU the engine gets instead. Ray reads it where it starts.

@@ -1,7 +1,7 @@
 """Every post-training job on user data in each of TRL's formats that test_posttrain.py does not train on, RLOO,
 and LoRA in DPO and in GRPO with vLLM rollouts: real runs asserting a held-out effect of that data.
 
-About 10 minutes on 2 cores, so `make test` leaves it out (it trains one format per job) and `make test-formats`
+About 11 minutes on 2 cores, so `make test` leaves it out (it trains one format per job) and `make test-formats`
 runs it."""
 
 import json
