@@ -553,11 +553,10 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
     if cfg.lora is not None:
         from rayloop.evaluate import on_ray
 
-        trained = summary["model_dir"]
-        summary["adapter_dir"], summary["model_dir"] = storage.join(checkpoint, "adapter"), storage.join(checkpoint,
-                                                                                                         "merged")
-        summary["lora"] = on_ray(merge_adapter, cfg.model.name_or_path, trained, summary["adapter_dir"],
-                                 summary["model_dir"], use_gpu=cfg.scaling.use_gpu)
+        adapter_dir, merged_dir = storage.join(checkpoint, "adapter"), storage.join(checkpoint, "merged")
+        summary["lora"] = on_ray(merge_adapter, cfg.model.name_or_path, summary["model_dir"], adapter_dir, merged_dir,
+                                 use_gpu=cfg.scaling.use_gpu)
+        summary["adapter_dir"], summary["model_dir"] = adapter_dir, merged_dir
         print(f"{cfg.job_name}: LoRA trained {summary['lora']['trainable_params']:,} of "
               f"{summary['lora']['total_params']:,} parameters ({summary['lora']['share']:.2%}); adapter at "
               f"{summary['adapter_dir']}, merged model at {summary['model_dir']}")
