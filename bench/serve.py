@@ -173,7 +173,7 @@ def vllm_server(model_dir: str, args):
 
 
 def app_config(model_dir: str, args, autoscaling: dict):
-    from serve.app import ServeAppConfig
+    from serve.config import ServeAppConfig
 
     return ServeAppConfig.model_validate({
         "accelerator": "gpu" if args.gpu else "cpu",

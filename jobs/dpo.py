@@ -52,6 +52,7 @@ def main(cfg: DPOJobConfig) -> dict:
     from rayloop import storage
     from rayloop.evaluate import compare_exact_match, describe, on_ray, paired_difference, preference_margins
     from rayloop.posttrain import fit
+    from rayloop.registry import register
 
     summary = fit(cfg, dpo.build_trainer, plot_keys=["rewards/margins", "eval_rewards/margins"], plot_name="margins")
     _, held_out = cfg.data()
@@ -70,6 +71,7 @@ def main(cfg: DPOJobConfig) -> dict:
                                                      use_gpu=cfg.scaling.use_gpu)
         line += f"; {describe('exact match', summary['exact_match'])}"
     print(f"{line}; model at {summary['model_dir']}")
+    summary["model_version"] = register(cfg, summary, job="dpo", parent=cfg.model.name_or_path)
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 

@@ -109,6 +109,7 @@ def main(cfg: GRPOJobConfig) -> dict:
     from rayloop.config import GenerateSection
     from rayloop.evaluate import compare_exact_match, compare_rewards, describe
     from rayloop.posttrain import fit
+    from rayloop.registry import register
 
     summary = fit(cfg, grpo.build_trainer, plot_keys=["reward", "eval_exact_match"], plot_name="reward")
     _, held_out = cfg.data()
@@ -137,6 +138,7 @@ def main(cfg: GRPOJobConfig) -> dict:
         summary["exact_match"] = compare_exact_match(start, trained, rows, use_gpu=use_gpu)
         line += f"; {describe('exact match (greedy)', summary['exact_match'])}"
     print(f"{line}; model at {trained}")
+    summary["model_version"] = register(cfg, summary, job=cfg.algorithm, parent=start)
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 

@@ -46,6 +46,7 @@ class PipelineConfig(PretrainConfig):
             # One task split for every stage, or the held-out problems would leak into training.
             stage.task = self.task
             stage.ray = self.ray
+            stage.registry = self.registry
             stage.storage = self.storage.model_copy(update={"name": f"{self.storage.name}-{suffix}"})
             self._stages.append((suffix, stage))
         return self

@@ -215,6 +215,8 @@ def main(cfg: PretrainConfig) -> dict:
     """Train (or resume the run of the same name); return the final metrics and the final HF folder's path."""
     from rayloop import storage
     from rayloop.cluster import init_ray
+    from rayloop.models import PRESETS
+    from rayloop.registry import register
     from rayloop.train import final_checkpoint, make_trainer
 
     model_dir = prepare_model(cfg)
@@ -225,10 +227,13 @@ def main(cfg: PretrainConfig) -> dict:
     result = trainer.fit()
     checkpoint = final_checkpoint(result, cfg.storage, plot="loss.png")
     summary = {**result.metrics, "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "hf")}
-    storage.write_json(cfg.storage.run_path("results.json"), summary)
     resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
     print(f"pretrain: step {summary['step']}{resumed}, eval loss {summary['eval_loss_before']:.3f} -> "
           f"{summary['eval_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s, model at {summary['model_dir']}")
+    base = cfg.model.name_or_path
+    summary["model_version"] = register(cfg, summary, job="pretrain",
+                                        parent=f"preset:{base}" if base in PRESETS else base)
+    storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 
 

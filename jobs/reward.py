@@ -61,6 +61,7 @@ def main(cfg: RewardJobConfig) -> dict:
     from rayloop import storage
     from rayloop.evaluate import describe, on_ray, paired_difference, reward_margins
     from rayloop.posttrain import fit
+    from rayloop.registry import register
 
     summary = fit(cfg, reward.build_trainer, plot_keys=["accuracy", "eval_accuracy"], plot_name="accuracy")
     _, held_out = cfg.data()
@@ -71,6 +72,8 @@ def main(cfg: RewardJobConfig) -> dict:
     print(f"reward: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
           f"score margin {margins['before']:+.3f} -> {margins['after']:+.3f} (95% CI of the difference "
           f"[{margins['ci_low']:+.3f}, {margins['ci_high']:+.3f}]); model at {summary['model_dir']}")
+    summary["model_version"] = register(cfg, summary, job="reward", parent=cfg.model.name_or_path,
+                                        default_model="rayloop-reward")
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 

@@ -50,6 +50,7 @@ def main(cfg: SFTJobConfig) -> dict:
     from rayloop import storage
     from rayloop.evaluate import compare_exact_match, compare_on_ray, describe, loss_scores
     from rayloop.posttrain import fit
+    from rayloop.registry import register
 
     summary = fit(cfg, sft.build_trainer, plot_keys=["loss", "eval_loss", "eval_exact_match"], plot_name="loss")
     _, held_out = cfg.data()
@@ -67,6 +68,7 @@ def main(cfg: SFTJobConfig) -> dict:
                                                      ArithmeticTask(cfg.task).eval_examples(), use_gpu=gpu)
         line += f"; {describe('held-out exact match', summary['exact_match'])}"
     print(f"{line}, model at {summary['model_dir']}")
+    summary["model_version"] = register(cfg, summary, job="sft", parent=cfg.model.name_or_path)
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary
 

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rayloop.config import RaySection, run_cli
-from serve.app import ModelEntry, ServeAppConfig
+from serve.config import ModelEntry, ServeAppConfig
 
 
 class DeployConfig(ServeAppConfig):
@@ -61,7 +61,7 @@ class DeployConfig(ServeAppConfig):
 
     @model_validator(mode="after")
     def _key_is_set(self):
-        from serve.app import read_api_key
+        from serve.guard import read_api_key
 
         if self.auth.enabled and read_api_key(self.auth) is None:
             raise ValueError(f"auth: enabled, but no API key is set: export {self.auth.api_key_env} or set "
@@ -95,7 +95,8 @@ def main(cfg: DeployConfig) -> dict:
     from ray import serve
 
     from rayloop.cluster import init_ray
-    from serve.app import build_app, read_api_key
+    from serve.app import build_app
+    from serve.guard import read_api_key
 
     args = cfg.app_args()
     key = read_api_key(args.auth) if args.auth.enabled else None

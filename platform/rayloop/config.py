@@ -207,6 +207,18 @@ class StorageSection(Section):
         return storage.join(self.run_dir(), *parts)
 
 
+class RegistrySection(Section):
+    """Where the job registers the model it writes (MLflow's model registry; see rayloop/registry.py)."""
+
+    enabled: bool = True
+    """Register the job's model as a new version (false: write the model only)."""
+    uri: str | None = None
+    """MLflow tracking and registry URI (`sqlite:///path/mlflow.db`, `http://head:5000`). Unset:
+    `$MLFLOW_TRACKING_URI`, else `<storage.path>/mlflow.db` for local storage, else `~/.rayloop/mlflow.db`."""
+    model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")
+    """Registered model the version goes to. Unset: `rayloop` (`rayloop-reward` for reward models)."""
+
+
 class GenerateSection(Section):
     max_tokens: int = Field(default=8, ge=1)
     """New tokens per prompt."""
@@ -234,6 +246,7 @@ class JobConfig(Section):
     job_name: ClassVar[str]
     ray: RaySection = RaySection()
     storage: StorageSection = Field(default_factory=StorageSection)
+    registry: RegistrySection = RegistrySection()
 
     @model_validator(mode="after")
     def _default_run_name(self):
@@ -319,6 +332,11 @@ def load_config(cls: type[C], argv: list[str] | None = None, *, path: str | None
         data = loaded or {}
     for dotted, value in overrides.items():
         _set_dotted(data, dotted, value)
+    return validate(cls, data, context)
+
+
+def validate(cls: type[C], data: dict, context: dict | None = None) -> C:
+    """`cls` from plain data; ConfigError in one line naming the field."""
     try:
         return cls.model_validate(data, context=context)
     except ValidationError as exc:

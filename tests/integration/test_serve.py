@@ -73,7 +73,8 @@ def endpoint(request, ray_cluster, tmp_path_factory):
 
     from rayloop.models import create_model_folder
     from rayloop.tasks import ArithmeticTask
-    from serve.app import ServeAppConfig, build_app
+    from serve.app import build_app
+    from serve.config import ServeAppConfig
     from serve.deploy import first_token_seconds
 
     root = tmp_path_factory.mktemp("serve")

@@ -39,7 +39,7 @@ def test_a_broken_manifest_fails_the_schema():
 
 
 def test_every_entrypoint_config_and_import_path_exists(tmp_path, monkeypatch):
-    from serve.app import ServeAppConfig
+    from serve.config import ServeAppConfig
 
     job = yaml.safe_load((ROOT / "platform" / "k8s" / "rayjob-pretrain.yaml").read_text())
     module = re.search(r"python -m ([\w.]+)", job["spec"]["entrypoint"]).group(1)

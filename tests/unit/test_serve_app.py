@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from rayloop.config import ConfigError, load_config
-from serve.app import AuthSection, GuardMiddleware, ModelEntry, ServeAppConfig, key_digest, llm_config, read_api_key
+from serve.app import llm_config
+from serve.config import AuthSection, ModelEntry, ServeAppConfig
+from serve.guard import GuardMiddleware, key_digest, read_api_key
 from serve.deploy import DeployConfig
 
 REPO = Path(__file__).resolve().parents[2]
