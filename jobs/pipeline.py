@@ -1,11 +1,13 @@
-"""The loop on one config: pretrain -> SFT -> GRPO, scoring held-out exact-match accuracy with vLLM at each end.
+"""The loop on one config: pretrain -> SFT -> GRPO -> registry -> a live endpoint, measured through it.
 
     python -m jobs.pipeline --config jobs/configs/pipeline_tiny.yaml
 
 Pretraining comes from this config; the post-training stages from their own job configs (`sft_config`,
-`grpo_config`), each starting from the previous stage's model, on this config's task split and storage, as
-`<storage.name>-sft` and `<storage.name>-grpo`. Every stage config is validated before anything runs.
-Later stages (registry, serving) join here as they land.
+`grpo_config`), each starting from the previous stage's model, on this config's task split, storage and registry,
+as `<storage.name>-sft` and `<storage.name>-grpo`. Every stage config is validated before anything runs. Each stage
+registers its model (rayloop/registry.py), so the last one's lineage goes back to the base. The last model is then
+served as an endpoint (serve/endpoint.py, `rayloop serve up`), the held-out problems are asked through it with the
+`openai` client, and `report.md` (with PNG curves, accuracy per stage and the lineage) is written to the run folder.
 """
 
 from __future__ import annotations
@@ -13,20 +15,37 @@ from __future__ import annotations
 from pydantic import Field, PrivateAttr, model_validator
 
 from jobs.pretrain import PretrainConfig
-from rayloop.config import ConfigError, GenerateSection, load_config, run_cli
+from rayloop.config import ConfigError, GenerateSection, Section, load_config, run_cli
+
+
+class EndpointSection(Section):
+    """The local endpoint the final model is promoted to, and the traffic that measures it."""
+
+    enabled: bool = True
+    """Serve the final model and measure accuracy through it (false: stop at the registry)."""
+    name: str = Field(default="demo", pattern=r"^[A-Za-z0-9._-]+$")
+    """Endpoint (Serve application and registry alias) name."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Loopback port of the endpoint."""
+    concurrency: int = Field(default=16, ge=1)
+    """Requests in flight while measuring."""
+    keep_serving: bool = False
+    """Keep the endpoint up after the report, until Ctrl-C (the local Ray ends with this process)."""
 
 
 class PipelineConfig(PretrainConfig):
-    """Pretrain, SFT, GRPO; score vLLM generations on the held-out eval set after each."""
+    """Pretrain, SFT, GRPO; register each model; serve the last and measure held-out accuracy through it."""
 
     job_name = "pipeline"
     generate: GenerateSection = GenerateSection()
     num_samples: int = Field(default=5, ge=0)
-    """Eval prompts printed with their completions at the end."""
+    """Eval prompts printed with the endpoint's answers at the end."""
     sft_config: str | None = None
     """Config of the SFT stage (jobs.sft); unset: no SFT."""
     grpo_config: str | None = None
     """Config of the GRPO stage (jobs.grpo); unset: no GRPO."""
+    endpoint: EndpointSection = EndpointSection()
+    """The live endpoint at the end of the loop."""
     _stages: list = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
@@ -52,39 +71,84 @@ class PipelineConfig(PretrainConfig):
         return self
 
 
+def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> dict:
+    """Serve `ref` as the endpoint, ask every held-out problem through it with the openai client; its accuracy."""
+    import os
+    import secrets
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from rayloop import registry
+    from rayloop.config import validate
+    from rayloop.tasks import accuracy
+    from serve import endpoint
+    from serve.deploy import DeployConfig
+
+    # The endpoint keeps its key check; a key made for this run, unless the user set one.
+    os.environ.setdefault("RAYLOOP_API_KEY", secrets.token_urlsafe(24))
+    uri = cfg.registry.uri or registry.default_uri(cfg.storage.path)
+    version = registry.get_version(registry.client(uri), ref)
+    deploy = validate(DeployConfig, {"model": version.source, "port": cfg.endpoint.port, "models": [],
+                                     "accelerator": "gpu" if cfg.scaling.use_gpu else "cpu"})
+    entry = deploy.models[0]
+    entry.max_model_len, entry.kv_cache_memory_bytes = cfg.generate.max_model_len, cfg.generate.kv_cache_memory_bytes
+    up = endpoint.up(deploy, cfg.endpoint.name, ref, uri)
+    print(f"endpoint {cfg.endpoint.name}: serving {ref} at {up['base_url']} (alias {up['model']}@{cfg.endpoint.name})",
+          flush=True)
+    client = OpenAI(base_url=up["base_url"], api_key=os.environ["RAYLOOP_API_KEY"], max_retries=3)
+
+    def ask(example):
+        response = client.completions.create(model=up["model"], prompt=example["prompt"], temperature=0.0,
+                                             max_tokens=cfg.generate.max_tokens)
+        return response.choices[0].text, response.system_fingerprint
+
+    with ThreadPoolExecutor(cfg.endpoint.concurrency) as pool:
+        answers = list(pool.map(ask, examples))
+    completions = [text for text, _ in answers]
+    return {"endpoint_accuracy": accuracy(completions, [e["answer"] for e in examples]),
+            "endpoint_versions": sorted({v for _, v in answers}), "base_url": up["base_url"],
+            "completions": completions, "registry": uri}
+
+
 def main(cfg: PipelineConfig) -> dict:
     from jobs import grpo, pretrain, sft
     from rayloop import storage
-    from rayloop.generate import generate_on_ray
-    from rayloop.tasks import ArithmeticTask, accuracy
+    from rayloop.report import write_report
+    from rayloop.tasks import ArithmeticTask
 
     examples = ArithmeticTask(cfg.task).eval_examples()
-    answers = [e["answer"] for e in examples]
-
-    def vllm_accuracy(model_dir: str) -> tuple[float, list[str]]:
-        outputs = generate_on_ray(model_dir, [e["prompt"] for e in examples], cfg.generate,
-                                  use_gpu=cfg.scaling.use_gpu)
-        completions = [out["text"] for out in outputs]
-        return accuracy(completions, answers), completions
-
     summary = pretrain.main(cfg)
-    model_dir = summary["model_dir"]
-    summary["eval_accuracy"], completions = vllm_accuracy(model_dir)
-    table = [("pretrain", summary["eval_accuracy"])]
+    stages = [("pretrain", cfg.storage.run_dir(), summary)]
     for name, stage in cfg._stages:
-        stage.model.name_or_path = model_dir
+        stage.model.name_or_path = stages[-1][2]["model_dir"]
         stage_summary = {"sft": sft, "grpo": grpo}[name].main(stage)
-        model_dir = stage_summary["model_dir"]
-        acc, completions = vllm_accuracy(model_dir)
-        summary[f"{name}_eval_accuracy"] = acc
-        summary[f"{name}_exact_match"] = stage_summary.get("exact_match")  # on the task's data only
-        table.append((name, acc))
-    summary["model_dir"] = model_dir
-    for example, completion in list(zip(examples, completions))[: cfg.num_samples]:
-        print(f"  {example['prompt']}{completion!r:<12} expected {example['answer']}")
-    print(f"pipeline: vLLM exact-match accuracy on {len(examples)} held-out problems: "
-          + ", ".join(f"after {name} {acc:.1%}" for name, acc in table))
-    storage.write_json(cfg.storage.run_path("results.json"), summary)  # pretraining's figures and every stage's
+        stages.append((name, stage.storage.run_dir(), stage_summary))
+    final = stages[-1][2]
+    summary.update({f"{name}_summary": s for name, _, s in stages[1:]})
+    summary["model_dir"], summary["model_version"] = final["model_dir"], final.get("model_version")
+
+    if cfg.endpoint.enabled and summary["model_version"]:
+        measured = serve_and_measure(cfg, summary["model_version"], examples)
+        for example, completion in list(zip(examples, measured.pop("completions")))[: cfg.num_samples]:
+            print(f"  {example['prompt']}{completion!r:<12} expected {example['answer']}")
+        summary.update(measured)
+        print(f"pipeline: exact-match accuracy through the endpoint, {len(examples)} held-out problems: "
+              f"{measured['endpoint_accuracy']:.1%} (answered by {', '.join(measured['endpoint_versions'])})",
+              flush=True)
+    report = write_report(cfg.storage.run_dir(), stages, summary, cfg.registry.uri or None)
+    summary["report"] = report
+    print(f"pipeline: report at {report}", flush=True)
+    storage.write_json(cfg.storage.run_path("results.json"), summary)
+    if cfg.endpoint.enabled and cfg.endpoint.keep_serving:
+        import time
+
+        print("pipeline: serving until Ctrl-C", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     return summary
 
 

@@ -40,8 +40,9 @@ def job_client(address: str | None):
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - connection refused, 401 without the token, a bad address
-        raise JobError(f"Ray's job API is not reachable at {address or os.environ.get('RAY_ADDRESS') or 'the default'}"
-                       f": {_first_line(exc)}") from None
+        where = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+                 or "http://127.0.0.1:8265")
+        raise JobError(f"Ray's job API at {where} refused or did not answer: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -85,9 +86,18 @@ def cmd_submit(args, job_args: list[str]) -> int:
     working_dir = Path(args.working_dir).resolve()
     if not working_dir.is_dir():
         raise ConfigError(f"--working-dir: no such folder {args.working_dir!r}")
-    client = job_client(args.address)
+    runtime_env = submit_runtime_env(working_dir)
+    for pair in args.env:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--env: expected KEY=VALUE, got {pair!r}")
+        runtime_env["env_vars"][key] = value
     entrypoint = shlex.join(["python", "-m", f"jobs.{args.job}", *job_args])  # the cluster's python, as ray job submit
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=submit_runtime_env(working_dir))
+    client = job_client(args.address)
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    except Exception as exc:  # noqa: BLE001 - the job API refused it (a runtime env it cannot build, no token)
+        raise JobError(f"the job API refused the job: {_first_line(exc)}") from None
     print(f"submitted {job_id}: {entrypoint}", flush=True)
     if args.no_wait:
         return 0
@@ -243,6 +253,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray's job API (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS)")
     p.add_argument("--working-dir", default=".", help="folder shipped as the job's working dir (default: .)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable of the job (repeatable)")
     p.set_defaults(run=cmd_submit, passthrough=True)
     for name in ("status", "logs", "stop"):
         p = sub.add_parser(name, help=f"{name} of a submitted job")

@@ -39,6 +39,12 @@ def runtime_env(joining: bool = False) -> dict:
     modules resolve the same way on every worker (from the checkout: without platform/, tests/ and bench results,
     which travel otherwise or are not needed). A job that joins a running cluster (`joining`) ships no folder of
     this machine's: `ray job submit --working-dir` is the way to send one there."""
+    import json
+
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    if job_env.get("py_modules"):
+        # Submitted with the source already (`rayloop submit`): Ray refuses a driver's py_modules beside the job's.
+        return {}
     env: dict = {"py_modules": [str(PACKAGE_DIR)]}
     here = Path.cwd().resolve()
     in_submitted_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))  # the job brings its working dir

@@ -55,9 +55,10 @@ def client(uri: str):
     """An MlflowClient on `uri`, with MLflow's start-up chatter kept out of the job's output."""
     import logging
 
+    from mlflow import MlflowClient  # configures MLflow's loggers on import: quieten them after it
+
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 

@@ -12,6 +12,10 @@ def ray_cluster():
 
     # Serve behind HAProxy, as cluster.yaml runs it: the Serve tests cover both application shapes through it.
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # A replica leaving HAProxy keeps serving this long before it stops, so that every HAProxy has reloaded without
+    # it. Serve's 30 s covers a cluster's; HAProxy on loopback reloads in ~0.5 s, and each rolling update and
+    # teardown of the Serve tests would otherwise wait the 30 s.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
     init_ray()
     yield ray
     ray.shutdown()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
+RAYLOOP = str(BIN / "rayloop")
 PRIVATE_DIRS = ["/tmp", "/dev/shm", str(Path.home() / ".cache"), str(Path.home() / "rayloop-runs")]
 # The checkout with its .venv: the software every node has installed, kept visible on the worker nodes even where it
 # lies under a private folder (a clone in /tmp).
@@ -253,6 +254,18 @@ class Cluster:
         assert result.returncode == 0 and "succeeded" in output, f"{' '.join(entrypoint)}:\n{output[-4000:]}"
         return output
 
+    def rayloop(self, cwd: str | Path, *args: str, env: dict | None = None, check: bool = True,
+                timeout_s: float = 600) -> subprocess.CompletedProcess:
+        """`rayloop <args>` from `cwd` against this cluster (its job API, its registry); fails the test on a
+        non-zero exit when `check`."""
+        command = self.net.command(RAYLOOP, *args)
+        result = subprocess.run(command, cwd=cwd, env={**self.env, "RAY_API_SERVER_ADDRESS": self.address,
+                                                       **(env or {})},
+                                capture_output=True, text=True, timeout=timeout_s)
+        if check:
+            assert result.returncode == 0, f"rayloop {' '.join(args)}:\n{(result.stdout + result.stderr)[-4000:]}"
+        return result
+
     def node_ids(self) -> dict[str, str]:
         """Ray node id -> our node name, from `ray list nodes` (each node was started with a `node_name` label
         of its own through its resources)."""
@@ -311,7 +324,9 @@ class Cluster:
 def start_cluster(s3: S3Server, *, workers: int = 2, cpus_per_worker: int = 3) -> Cluster:
     net = s3.net
     temp_dir = tempfile.mkdtemp(prefix="rl-mn-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # The registry the jobs' drivers (on the head) write to and `rayloop models` reads: a head-local store.
     env = {**os.environ, **s3.env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{temp_dir}/mlflow.db",
            "PATH": f"{BIN}:{os.environ['PATH']}", "VLLM_LOGGING_LEVEL": "WARNING",
            # DeepSpeed's CPU comm op, built once with the installed software (as a node image would carry it),
            # not once per node and test run in each node's private ~/.cache (a minute of compiling on 2 cores).

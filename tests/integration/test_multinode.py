@@ -120,10 +120,11 @@ def test_pretrain_zero2_and_zero3_run_on_two_nodes_with_s3_as_the_only_storage(c
     names = cluster.node_ids()
     for stage in (2, 3):
         run = f"pretrain-z{stage}"
-        output = cluster.submit(ROOT, "python", "-m", "jobs.pretrain", "--config", "jobs/configs/pretrain_tiny.yaml",
-                                f"--deepspeed.zero_stage={stage}", "--train.steps=20", "--train.checkpoint_every=10",
-                                "--scaling.placement_strategy=SPREAD", f"--storage.path={s3.uri('runs')}",
-                                f"--storage.name={run}", *TINY)
+        output = cluster.rayloop(ROOT, "submit", "pretrain", "--config", "jobs/configs/pretrain_tiny.yaml",
+                                 f"--deepspeed.zero_stage={stage}", "--train.steps=20", "--train.checkpoint_every=10",
+                                 "--scaling.placement_strategy=SPREAD", f"--storage.path={s3.uri('runs')}",
+                                 f"--storage.name={run}", *TINY).stdout
+        assert "SUCCEEDED" in output and "pretrain: registered rayloop@" in output, output[-3000:]
         result = results(s3, run)
         assert sorted(names[node] for node in result["worker_nodes"]) == ["worker1", "worker2"], result
         assert result["step"] == 20 and result["eval_loss"] < result["eval_loss_before"], result
@@ -161,10 +162,10 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
     import shutil
 
     cluster, s3 = cluster
-    cluster.submit(ROOT, "python", "-m", "jobs.sft", "--config", "jobs/configs/sft_tiny.yaml",
-                   f"--model.name_or_path={s3.uri('runs', 'pretrain-z2')}", "--train.steps=4",
-                   "--train.checkpoint_every=2", "--train.eval_samples=8", "--task.num_train=500",
-                   "--task.num_eval=20", f"--storage.path={s3.uri('runs')}")
+    cluster.rayloop(ROOT, "submit", "sft", "--config", "jobs/configs/sft_tiny.yaml",
+                    f"--model.name_or_path={s3.uri('runs', 'pretrain-z2')}", "--train.steps=4",
+                    "--train.checkpoint_every=2", "--train.eval_samples=8", "--task.num_train=500",
+                    "--task.num_eval=20", f"--storage.path={s3.uri('runs')}")
     sft = results(s3, "sft-tiny")
     assert sft["model_dir"].startswith(f"s3://{s3.bucket}/runs/sft-tiny/checkpoint_"), sft
 
@@ -172,10 +173,10 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
     # The user's reward, behind a probe that says which node each call ran on.
     (folder / "node_probe.py").write_text(NODE_PROBE)
     # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in words with digits (the node ids) into one line.
-    output = cluster.submit(folder, "env", "RAY_DEDUP_LOGS=0", "python", "-m", "jobs.grpo", "--config", "grpo.yaml",
-                            f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}",
-                            "--train.steps=10", "--train.checkpoint_every=5", "--scaling.placement_strategy=SPREAD",
-                            "--rewards=[{function: 'node_probe:contains_target'}]")
+    output = cluster.rayloop(folder, "submit", "grpo", "--env", "RAY_DEDUP_LOGS=0", "--config", "grpo.yaml",
+                             f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}",
+                             "--train.steps=10", "--train.checkpoint_every=5", "--scaling.placement_strategy=SPREAD",
+                             "--rewards=[{function: 'node_probe:contains_target'}]").stdout
     names = cluster.node_ids()
     reward_nodes = {names.get(line.split(" on node ")[1].split()[0]) for line in output.splitlines()
                     if "contains_target:" in line and " on node " in line}
@@ -192,6 +193,31 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
     assert any(k.endswith("checkpoint/model.safetensors") for k in keys), keys
     assert any(k.startswith("runs/own-reward/tensorboard/events.out.tfevents") for k in keys), keys
     assert "runs/own-reward/tensorboard/reward.png" in keys, keys
+
+    # Every job registered its model; the newest version's lineage goes back to the pretrained base.
+    shown = cluster.rayloop(ROOT, "models", "show", "rayloop", "--json").stdout
+    chain = json.loads(shown)
+    print("lineage: " + " <- ".join(f"{v['name']}@{v['version']} ({v['tags']['job']})" for v in chain)
+          + f" <- {chain[-1]['tags']['parent']}")
+    assert [v["tags"]["job"] for v in chain] == ["grpo", "sft", "pretrain"], shown
+    assert chain[0]["source"] == result["model_dir"] and chain[-1]["tags"]["parent"] == "preset:tiny", shown
+    assert all(v["tags"]["ray_job_id"].startswith("raysubmit_") for v in chain), shown
+    assert chain[-1]["source"].startswith(f"s3://{s3.bucket}/runs/pretrain-z2/"), shown
+    text = cluster.rayloop(ROOT, "models", "show", "rayloop").stdout
+    print(text)
+    assert "lineage:" in text and "base: preset:tiny" in text
+
+
+def test_job_api_without_the_right_token_is_one_line_and_nothing_runs(cluster, tmp_path):
+    cluster, _ = cluster
+    for token_env in ({"RAY_AUTH_TOKEN": "wrong-" + "0" * 58}, {"RAY_AUTH_TOKEN": "", "HOME": str(tmp_path)}):
+        for args in (("status", "raysubmit_none"), ("submit", "pretrain", "--no-wait")):
+            result = cluster.rayloop(ROOT, *args, env=token_env, check=False, timeout_s=60)
+            lines = result.stderr.strip().splitlines()
+            print(f"rayloop {' '.join(args)} with {sorted(token_env)}: exit {result.returncode}: {lines}")
+            assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result
+    listed = cluster.rayloop(ROOT, "status", "raysubmit_none", check=False)  # the right token: the API answers
+    assert "raysubmit_none" in listed.stderr + listed.stdout
 
 
 def test_a_worker_node_dies_mid_run_and_the_job_resumes_from_its_last_registered_checkpoint(cluster):

@@ -83,14 +83,14 @@ def endpoint(request, ray_cluster, tmp_path_factory):
     fast_scaling = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=2,
                         downscale_delay_s=8, look_back_period_s=3, metrics_interval_s=0.5)
     if request.param == "openai":
-        models = [{"id": "tiny", "path": base, "max_model_len": 128, "max_ongoing_requests": 8,
-                   "max_queued_requests": 256, "autoscaling": fast_scaling},
+        models = [{"id": "tiny", "path": base, "version": "tiny@7", "max_model_len": 128,
+                   "max_ongoing_requests": 8, "max_queued_requests": 256, "autoscaling": fast_scaling},
                   {"id": "tiny-narrow", "path": base, "max_model_len": 128, "max_ongoing_requests": 1,
                    "max_queued_requests": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}]
         narrow = "tiny-narrow"
     else:
-        models = [{"id": "tiny", "path": base, "max_model_len": 128, "max_ongoing_requests": 4,
-                   "max_queued_requests": 4, "autoscaling": fast_scaling}]
+        models = [{"id": "tiny", "path": base, "version": "tiny@7", "max_model_len": 128,
+                   "max_ongoing_requests": 4, "max_queued_requests": 4, "autoscaling": fast_scaling}]
         narrow = "tiny"
     cfg = ServeAppConfig.model_validate({"accelerator": "cpu", "max_request_bytes": 65536, "models": models,
                                          "ingress": request.param})
@@ -121,6 +121,16 @@ def test_openai_client_completion_chat_stream_and_models(endpoint):
 
     ids = {m.id for m in client.models.list().data}
     assert ids == endpoint.models, ids
+
+    # The model's version is named by every answer: system_fingerprint (each streamed chunk too) and a header.
+    assert completion.system_fingerprint == chat.system_fingerprint == "tiny@7"
+    assert {c.system_fingerprint for c in chunks} == {"tiny@7"}
+    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=[{"role": "user", "content": "1"}],
+                                                           max_tokens=2)
+    assert raw.headers["x-rayloop-model-version"] == "tiny@7"
+    with client.completions.with_streaming_response.create(model="tiny", prompt="1", max_tokens=2,
+                                                           stream=True) as streamed_raw:
+        assert streamed_raw.headers["x-rayloop-model-version"] == "tiny@7"
 
     health = httpx.get(f"{endpoint.url}/health")  # open: probes carry no key
     assert health.status_code == 200

@@ -34,6 +34,14 @@ def test_every_node_reads_the_same_token_and_sync_skips_ignored_files(name):
         assert "[gpu]" in command or "venv/bin/activate" in command  # the pinned GPU stack on every node
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_head_serves_the_model_registry_on_loopback_and_jobs_register_there(name):
+    config = yaml.safe_load((ROOT / name).read_text())
+    server = next(c for c in config["head_setup_commands"] if "mlflow server" in c)
+    assert "--host 127.0.0.1 --port 5000" in server and "sqlite:///" in server
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in config["head_start_ray_commands"][0]
+
+
 def test_head_of_the_cloud_cluster_schedules_nothing_heavy_and_workers_can_reach_the_bucket():
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
