@@ -113,13 +113,13 @@ def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> di
 
 def main(cfg: PipelineConfig) -> dict:
     from jobs import grpo, pretrain, sft
-    from rayloop import storage
+    from rayloop import registry, storage
     from rayloop.report import write_report
     from rayloop.tasks import ArithmeticTask
 
     examples = ArithmeticTask(cfg.task).eval_examples()
     summary = pretrain.main(cfg)
-    stages = [("pretrain", cfg.storage.run_dir(), summary)]
+    stages = [("pretrain", cfg.storage.run_dir(), dict(summary))]
     for name, stage in cfg._stages:
         stage.model.name_or_path = stages[-1][2]["model_dir"]
         stage_summary = {"sft": sft, "grpo": grpo}[name].main(stage)
@@ -136,14 +136,17 @@ def main(cfg: PipelineConfig) -> dict:
         print(f"pipeline: exact-match accuracy through the endpoint, {len(examples)} held-out problems: "
               f"{measured['endpoint_accuracy']:.1%} (answered by {', '.join(measured['endpoint_versions'])})",
               flush=True)
-    report = write_report(cfg.storage.run_dir(), stages, summary, cfg.registry.uri or None)
-    summary["report"] = report
-    print(f"pipeline: report at {report}", flush=True)
     storage.write_json(cfg.storage.run_path("results.json"), summary)
+    summary["report"] = write_report(cfg.storage.run_dir(), stages, summary,
+                                     cfg.registry.uri or registry.default_uri(cfg.storage.path))
+    print(f"pipeline: report at {summary['report']}", flush=True)
     if cfg.endpoint.enabled and cfg.endpoint.keep_serving:
         import time
 
-        print("pipeline: serving until Ctrl-C", flush=True)
+        import os
+
+        print(f"pipeline: serving at {summary['base_url']} until Ctrl-C (API key: $RAYLOOP_API_KEY, or "
+              f"{os.environ['RAYLOOP_API_KEY']!r} if this run made it)", flush=True)
         try:
             while True:
                 time.sleep(3600)

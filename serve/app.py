@@ -73,7 +73,8 @@ def llm_config(entry: ModelEntry, accelerator: str, direct: bool = False):
     if entry.lora_path is not None:
         engine_kwargs |= dict(enable_lora=True, max_loras=entry.max_loras, max_lora_rank=entry.max_lora_rank)
     deployment = dict(autoscaling_config=entry.autoscaling.model_dump(exclude_none=True),
-                      max_ongoing_requests=entry.max_ongoing_requests, max_queued_requests=entry.max_queued_requests)
+                      max_ongoing_requests=entry.max_ongoing_requests, max_queued_requests=entry.max_queued_requests,
+                      graceful_shutdown_timeout_s=entry.graceful_shutdown_timeout_s)
     if direct:
         # Serve's own gate would hold requests before they reach GuardMiddleware (and answers a full queue in plain
         # text), so it is opened wide; the guard admits `max_ongoing + max_queued`, and vLLM runs max_ongoing of
@@ -182,7 +183,8 @@ def _llm_server_class():
             return self._stamped(await super().chat(request, raw_request_info))
 
         async def _stamped(self, outputs):
-            # vLLM leaves system_fingerprint empty; it is the OpenAI field that names what answered.
+            # system_fingerprint is the OpenAI field that names what answered. vLLM's own (`fingerprint_mode`)
+            # marks only non-streamed answers and a stream's last chunk; this marks every chunk.
             async for item in outputs:
                 yield stamp_version(item, self._model_version) if self._model_version else item
 
@@ -307,5 +309,7 @@ def build_app(args: ServeAppConfig | dict):
     # Ray (STACK.md trap 5), as `serve run` starts one. ray.serve.llm's own router runs with num_cpus=0 likewise.
     options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
     options["max_surge_percent"] = 100  # it takes no resources, so a new ingress always starts before the old stops
+    # An old ingress forwards streams until they end: it waits as long as the engines behind it.
+    options["graceful_shutdown_timeout_s"] = max(m.graceful_shutdown_timeout_s for m in cfg.models)
     return serve.deployment(ingress, **options).bind(llm_deployments=deployments, model_cards=cards,
                                                      lora_paths=lora_paths)

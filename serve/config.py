@@ -92,6 +92,9 @@ class ModelEntry(Section):
     version: str | None = Field(default=None, max_length=200)
     """The registry version this entry serves (`rayloop@3`), named by every response: `system_fingerprint` and the
     `x-rayloop-model-version` header. `rayloop serve up` and `rayloop promote` set it."""
+    graceful_shutdown_timeout_s: float = Field(default=300, gt=0)
+    """How long a replica that is being replaced (a promotion, a scale-down) may finish the requests it holds before
+    Serve stops it. Serve's default, 20 s, would cut longer generations off mid-stream."""
     max_surge_percent: int = Field(default=100, ge=0, le=100)
     """Extra replicas Serve starts while the application is deployed again with a changed model (a promotion), as
     a percentage of the replicas running: the new ones start before the old ones stop, so no request is dropped.

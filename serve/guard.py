@@ -92,7 +92,7 @@ class GuardMiddleware:
                                     "invalid_request_error", "unsupported_media_type")
             return await response(scope, receive, send)
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_request_bytes):
+        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > self.max_request_bytes):
             response = openai_error(413, f"Request body over {self.max_request_bytes} bytes.",
                                     "invalid_request_error", "request_too_large")
             return await response(scope, receive, send)
@@ -128,10 +128,10 @@ class GuardMiddleware:
     def _stamping(self, send):
         """`send` with the model version added: a header on every response, `system_fingerprint` in completion
         bodies (a JSON body is held until complete, to fix its length; a stream is stamped event by event)."""
-        version, start, body, kind = self.model_version, None, [], None
+        version, start, body, kind, pending = self.model_version, None, [], None, b""
 
         async def send_stamped(message):
-            nonlocal start, kind
+            nonlocal start, kind, pending
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", []), (VERSION_HEADER.encode(), version.encode("latin-1"))]
                 media = dict(headers).get(b"content-type", b"").split(b";")[0].strip()
@@ -155,8 +155,16 @@ class GuardMiddleware:
                 headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
                 await send({**start, "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
                 message = {"type": "http.response.body", "body": raw, "more_body": False}
-            elif message["type"] == "http.response.body" and kind == "events" and message.get("body"):
-                message = {**message, "body": stamp_events(message["body"].decode(), version).encode()}
+            elif message["type"] == "http.response.body" and kind == "events":
+                # Whole events only: one may arrive split across messages (and a character across bytes).
+                pending += message.get("body", b"")
+                more = message.get("more_body", False)
+                end = pending.rfind(b"\n\n")
+                if more and end < 0:
+                    return
+                cut = end + 2 if more else len(pending)
+                ready, pending = pending[:cut], pending[cut:]
+                message = {**message, "body": stamp_events(ready.decode(), version).encode()}
             await send(message)
 
         return send_stamped

@@ -53,7 +53,7 @@ def _first_line(exc: BaseException) -> str:
 
 def submit_runtime_env(working_dir: Path) -> dict:
     """The job's runtime environment: the working dir, the rayloop source (as on this machine, so the cluster runs
-    the code that was submitted) and what ties the run to it (its git commit, storage and registry)."""
+    the code that was submitted) and the git commit that ties the registered model to it."""
     import jobs
     import serve
     from rayloop.cluster import PACKAGE_DIR, REPO_ROOT
@@ -72,8 +72,9 @@ def submit_runtime_env(working_dir: Path) -> dict:
         commit = git_commit()
     finally:
         os.chdir(here)
-    env["env_vars"] = {"RAYLOOP_GIT_COMMIT": commit,
-                       **{k: os.environ[k] for k in ("RAYLOOP_STORAGE", "MLFLOW_TRACKING_URI") if os.environ.get(k)}}
+    # Storage and registry come from the cluster (cluster.yaml sets them where Ray starts), not from this shell:
+    # `--env` passes them on purpose.
+    env["env_vars"] = {"RAYLOOP_GIT_COMMIT": commit}
     return env
 
 
@@ -194,6 +195,10 @@ def _join_ray(args) -> None:
 def cmd_serve(args, overrides: list[str]) -> int:
     from serve import endpoint
 
+    if args.command == "down":  # Serve alone: the registry keeps the alias and its history
+        _join_ray(args)
+        print(f"endpoint {args.endpoint}: " + ("deleted" if endpoint.down(args.endpoint) else "was not running"))
+        return 0
     registry, _, uri = _registry(args)
     if args.command == "up":
         from rayloop.config import load_config
@@ -211,8 +216,6 @@ def cmd_serve(args, overrides: list[str]) -> int:
     _join_ray(args)
     if args.command == "status":
         print(json.dumps(endpoint.status(args.endpoint, uri)))
-    elif args.command == "down":
-        print(f"endpoint {args.endpoint}: " + ("deleted" if endpoint.down(args.endpoint) else "was not running"))
     return 0
 
 

@@ -15,7 +15,9 @@ runs (`<storage>/mlflow.db`) when storage is a local folder or shared mount, els
 server (cluster.yaml starts one on the head) is `registry.uri: http://<head>:5000`.
 
 MLflow records only where an alias points now. Promotion and rollback need its past too (who moved it, when, from
-which version to which), so that is kept as a JSON tag on the registered model, `rayloop.alias.<alias>`.
+which version to which), so each move is kept as a tag of the registered model, `rayloop.alias.<alias>.<time>-<id>`.
+A registration that fails (a registry that is down, an MLflow server that refuses a local source path outside its
+artifact store) leaves the model written and says so in one line: the run is not lost for it.
 """
 
 from __future__ import annotations
@@ -120,11 +122,13 @@ def _curves(run_dir: str) -> list[tuple[str, float, int]]:
 
 def git_commit() -> str:
     """The commit of the code that ran: `RAYLOOP_GIT_COMMIT` (set by `rayloop submit`, whose working-dir copy has
-    no .git), else the working tree's HEAD, else `unknown`."""
+    no .git), else the working tree's HEAD with `-dirty` when the tree has uncommitted changes (which is what ran),
+    else `unknown`."""
     if os.environ.get("RAYLOOP_GIT_COMMIT"):
         return os.environ["RAYLOOP_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                             text=True, timeout=5, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -149,6 +153,18 @@ def find_version(mlflow_client, model: str, source: str):
     return max(matches, key=lambda v: int(v.version), default=None)
 
 
+def _get_or_create(create, get):
+    """`create()`, or `get()` when another job created it first (two first jobs may race)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return create()
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return get()
+
+
 def register(cfg, summary: dict, *, job: str, parent: str, default_model: str = "rayloop") -> str | None:
     """Register `summary["model_dir"]` as a new version of the config's registered model; return `name@version`.
 
@@ -166,10 +182,12 @@ def register(cfg, summary: dict, *, job: str, parent: str, default_model: str = 
     from mlflow.exceptions import MlflowException
 
     try:
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-        experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(EXPERIMENT)
+        experiment_id = _get_or_create(lambda: mlflow.create_experiment(EXPERIMENT),
+                                       lambda: mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+        commit = git_commit()
         run = mlflow.create_run(experiment_id, run_name=f"{job}:{cfg.storage.name}",
-                                tags={"rayloop.job": job, "rayloop.run_dir": cfg.storage.run_dir()})
+                                tags={"rayloop.job": job, "rayloop.run_dir": cfg.storage.run_dir(),
+                                      "mlflow.source.git.commit": commit})
         run_id = run.info.run_id
         from mlflow.entities import Metric
 
@@ -180,10 +198,8 @@ def register(cfg, summary: dict, *, job: str, parent: str, default_model: str = 
             mlflow.log_batch(run_id, metrics=metrics[i:i + 1000])
         mlflow.set_terminated(run_id)
 
-        try:
-            mlflow.get_registered_model(name)
-        except MlflowException:
-            mlflow.create_registered_model(name, description="Models written by rayloop jobs.")
+        _get_or_create(lambda: mlflow.create_registered_model(name, description="Models written by rayloop jobs."),
+                       lambda: mlflow.get_registered_model(name))
         parent_version = None if parent.startswith("preset:") else find_version(mlflow, name, parent)
         config = cfg.model_dump(mode="json")
         data = {k: config[k] for k in ("data", "dataset", "task") if k in config}
@@ -194,14 +210,15 @@ def register(cfg, summary: dict, *, job: str, parent: str, default_model: str = 
             "config": yaml.safe_dump(config, sort_keys=False),
             "data": json.dumps(data, sort_keys=True),
             "seed": json.dumps(seeds, sort_keys=True),
-            "git_commit": git_commit(),
+            "git_commit": commit,
             "ray_job_id": ray_job_id(),
             "run_dir": cfg.storage.run_dir(),
         }
         version = mlflow.create_model_version(name, source=source, run_id=run_id, tags=tags,
                                               description=f"{job} run {cfg.storage.name}")
-    except MlflowException as exc:
-        raise JobError(f"could not register {source} in the registry at {uri!r}: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - the model is written either way; say so and go on
+        print(f"{job}: warning: the model at {source} was not registered in {uri}: {first_line(exc)}", flush=True)
+        return None
     ref = f"{name}@{version.version}"
     print(f"{job}: registered {ref} ({source}) in {uri}", flush=True)
     return ref
@@ -252,20 +269,49 @@ def lineage(mlflow_client, ref: str) -> list:
 
 
 def alias_history(mlflow_client, name: str, alias: str) -> list[dict]:
+    """Every move of `name@alias`, oldest first: one tag per move (`rayloop.alias.<alias>.<time>-<id>`), so moves
+    from two machines never overwrite each other's record and no tag grows without bound."""
+    prefix = f"{ALIAS_TAG}{alias}."
     model = mlflow_client.get_registered_model(name)
-    return json.loads(model.tags.get(ALIAS_TAG + alias, "[]"))
+    return [json.loads(value) for key, value in sorted(model.tags.items()) if key.startswith(prefix)]
 
 
-def move_alias(mlflow_client, name: str, alias: str, version: str, *, action: str) -> dict:
-    """Point `name@alias` at `version` and append who, when, from and to to the alias's history."""
-    model = mlflow_client.get_registered_model(name)
-    previous = model.aliases.get(alias)
-    record = {"who": f"{getpass.getuser()}@{socket.gethostname()}", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "action": action, "from": str(previous) if previous is not None else None, "to": str(version)}
-    mlflow_client.set_registered_model_alias(name, alias, version)
-    history = json.loads(model.tags.get(ALIAS_TAG + alias, "[]")) + [record]
-    mlflow_client.set_registered_model_tag(name, ALIAS_TAG + alias, json.dumps(history))
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def move_alias(mlflow_client, name: str, alias: str, version, *, action: str) -> dict:
+    """Record who moves `name@alias`, when, from which version to which; then move it. The record goes first, so an
+    alias never moves unrecorded."""
+    import uuid
+
+    previous = mlflow_client.get_registered_model(name).aliases.get(alias)
+    now = time.time()
+    record = {"who": _who(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)), "action": action,
+              "from": str(previous) if previous is not None else None, "to": str(version)}
+    key = f"{ALIAS_TAG}{alias}.{int(now * 1000):015d}-{uuid.uuid4().hex[:8]}"
+    mlflow_client.set_registered_model_tag(name, key, json.dumps(record))
+    mlflow_client.set_registered_model_alias(name, alias, str(version))
     return record
+
+
+def served_stack(history: list[dict]) -> list[str]:
+    """The versions an alias served, as a stack: `serve up` and `promote` push, `rollback` pops. Its top is the
+    version served now; the one below it is where a rollback goes."""
+    stack: list[str] = []
+    for record in history:
+        if record["action"] == "rollback":
+            if stack:
+                stack.pop()
+        elif record["action"] == "serve up":
+            stack = [record["to"]]
+        else:
+            stack.append(record["to"])
+    return stack
 
 
 def version_metrics(mlflow_client, version) -> dict[str, float]:
@@ -290,5 +336,5 @@ def describe_version(version, metrics: dict[str, float] | None = None) -> str:
 
 
 def as_dict(version) -> dict[str, Any]:
-    return {"name": version.name, "version": version.version, "source": version.source,
+    return {"name": version.name, "version": str(version.version), "source": version.source,
             "aliases": list(version.aliases or []), "tags": {k: v for k, v in version.tags.items() if k != "config"}}

@@ -35,8 +35,9 @@ def _ci(result: dict, percent: bool = True) -> str:
             f"[{fmt(result['ci_low'])}, {fmt(result['ci_high'])}], n={result['n']})")
 
 
-def write_report(run_dir: str, stages: list[tuple[str, str, dict]], summary: dict, registry_uri: str | None) -> str:
-    """`stages`: (name, run folder, summary) in order. Returns the report's path."""
+def write_report(run_dir: str, stages: list[tuple[str, str, dict]], summary: dict, registry_uri: str) -> str:
+    """`stages`: (name, run folder, summary) in order; `registry_uri`: where the stages registered. Returns the
+    report's path."""
     from rayloop import registry, storage
 
     out = Path(tempfile.mkdtemp(prefix="rayloop-report-"))
@@ -78,9 +79,8 @@ def write_report(run_dir: str, stages: list[tuple[str, str, dict]], summary: dic
         lines.append("")
 
     if summary.get("model_version"):
-        uri = registry_uri or registry.default_uri()
-        chain = registry.lineage(registry.client(uri), summary["model_version"])
-        lines += ["## Lineage", "", f"Registry: `{uri}`", ""]
+        chain = registry.lineage(registry.client(registry_uri), summary["model_version"])
+        lines += ["## Lineage", "", f"Registry: `{registry_uri}`", ""]
         lines += [f"{'  ' * i}- `{v.name}@{v.version}` {v.tags.get('job', '?')}: `{v.source}`"
                   for i, v in enumerate(chain)]
         lines += [f"{'  ' * len(chain)}- base: `{chain[-1].tags.get('parent', '-')}`", ""]

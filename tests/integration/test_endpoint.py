@@ -197,6 +197,16 @@ def test_bad_moves_are_one_line_and_change_nothing(live_endpoint, registry_uri, 
     for ref, message in cases:
         with pytest.raises(JobError, match=message):
             endpoint.move(ENDPOINT, registry_uri, ref=ref)
+    with pytest.raises(JobError, match="already serves tiny@1"):
+        endpoint.move(ENDPOINT, registry_uri, ref="tiny@1")
+    with pytest.raises(JobError, match="no earlier version"):  # up 1, promote 2, rollback to 1: nothing below 1
+        endpoint.move(ENDPOINT, registry_uri)
+    os.environ["RAYLOOP_API_KEY"] = "another-key"
+    try:
+        with pytest.raises(JobError, match="not the one endpoint"):
+            endpoint.move(ENDPOINT, registry_uri, ref="tiny@2")
+    finally:
+        os.environ["RAYLOOP_API_KEY"] = KEY
     with pytest.raises(JobError, match="no endpoint 'elsewhere'"):
         endpoint.move("elsewhere", registry_uri, ref="tiny@1")
     assert registry.alias_history(mlflow, "tiny", ENDPOINT) == history  # nothing moved

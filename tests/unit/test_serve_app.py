@@ -302,3 +302,47 @@ def test_kv_cache_is_a_byte_size_never_a_memory_fraction(model_dir):
     assert default.engine_kwargs["kv_cache_memory_bytes"] == 256 << 20
     with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
         ModelEntry(id="m", path=str(model_dir), kv_cache_memory_bytes="a lot")
+
+
+def test_the_guard_names_the_model_version_in_every_answer_whole_events_only():
+    """`direct` shape: vLLM's app writes the body; the guard adds the version (header and system_fingerprint),
+    fixes a JSON body's length, and stamps a stream event by event even when one arrives split."""
+    import asyncio
+    import json
+
+    from serve.guard import VERSION_HEADER
+
+    def app_sending(content_type: bytes, chunks: list[bytes]):
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", content_type), (b"content-length", b"999")]})
+            for i, chunk in enumerate(chunks):
+                await send({"type": "http.response.body", "body": chunk, "more_body": i < len(chunks) - 1})
+        return app
+
+    def run(app) -> tuple[dict, bytes]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        guard = GuardMiddleware(app, key_sha256=None, max_request_bytes=1024, model_version="m@3")
+        scope = {"type": "http", "path": "/v1/completions", "method": "POST",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")]}
+        asyncio.run(guard(scope, receive, send))
+        return dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    body = json.dumps({"id": "x", "choices": [{"text": "5"}], "system_fingerprint": None}).encode()
+    headers, out = run(app_sending(b"application/json", [body[:10], body[10:]]))
+    assert headers[VERSION_HEADER.encode()] == b"m@3" and json.loads(out)["system_fingerprint"] == "m@3"
+    assert int(headers[b"content-length"]) == len(out)
+
+    events = b'data: {"choices": [{"text": "1"}]}\n\ndata: {"choices": [{"text": "\xc3\xa9"}]}\n\ndata: [DONE]\n\n'
+    split = events.index(b"\xa9")  # inside an event, inside a UTF-8 character
+    headers, out = run(app_sending(b"text/event-stream", [events[:split], events[split:]]))
+    datas = [line for line in out.decode().split("\n\n") if line]
+    assert [json.loads(d[6:])["system_fingerprint"] for d in datas[:2]] == ["m@3", "m@3"] and datas[2] == "data: [DONE]"
+    assert json.loads(datas[1][6:])["choices"][0]["text"] == "é"
