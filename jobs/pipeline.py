@@ -73,6 +73,7 @@ class PipelineConfig(PretrainConfig):
 
 def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> dict:
     """Serve `ref` as the endpoint, ask every held-out problem through it with the openai client; its accuracy."""
+    import logging
     import os
     import secrets
     from concurrent.futures import ThreadPoolExecutor
@@ -89,8 +90,10 @@ def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> di
     os.environ.setdefault("RAYLOOP_API_KEY", secrets.token_urlsafe(24))
     uri = cfg.registry.uri or registry.default_uri(cfg.storage.path)
     version = registry.get_version(registry.client(uri), ref)
+    # A thousand requests: their access log lines and the client's would bury the figures.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     deploy = validate(DeployConfig, {"model": version.source, "port": cfg.endpoint.port, "models": [],
-                                     "accelerator": "gpu" if cfg.scaling.use_gpu else "cpu"})
+                                     "accelerator": "gpu" if cfg.scaling.use_gpu else "cpu", "access_log": False})
     entry = deploy.models[0]
     entry.max_model_len, entry.kv_cache_memory_bytes = cfg.generate.max_model_len, cfg.generate.kv_cache_memory_bytes
     up = endpoint.up(deploy, cfg.endpoint.name, ref, uri)

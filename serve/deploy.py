@@ -44,6 +44,8 @@ class DeployConfig(ServeAppConfig):
     """Serve application name (deploying again under the same name updates it in place)."""
     route_prefix: str = "/"
     """URL prefix of the application."""
+    access_log: bool = True
+    """Log every request in the replicas (Serve's access log, which also reaches the driver's terminal)."""
     block: bool | None = None
     """Keep the process serving until Ctrl-C. Unset: only when this process started Ray itself."""
 
@@ -106,7 +108,8 @@ def main(cfg: DeployConfig) -> dict:
     init_ray(cfg.ray)  # first: building the app would otherwise start a default-sized Ray on its own
     app = build_app(args)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location)
-    serve.run(app, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False)
+    serve.run(app, name=cfg.name, route_prefix=cfg.route_prefix, blocking=False,
+              logging_config={"enable_access_log": cfg.access_log})
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     base_url = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
     ready = first_token_seconds(base_url, key, args.models[0].id)

@@ -71,7 +71,8 @@ def _deploy(cfg: DeployConfig, endpoint: str, timeout_s: float) -> None:
 
     def run():
         try:
-            serve.run(app, name=endpoint, route_prefix=cfg.route_prefix, blocking=False)
+            serve.run(app, name=endpoint, route_prefix=cfg.route_prefix, blocking=False,
+                      logging_config={"enable_access_log": cfg.access_log})
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             outcome["error"] = exc
 
