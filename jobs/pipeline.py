@@ -23,7 +23,7 @@ class EndpointSection(Section):
 
     enabled: bool = True
     """Serve the final model and measure accuracy through it (false: stop at the registry)."""
-    name: str = Field(default="demo", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(default="demo", pattern=r"^[A-Za-z0-9_-]+$")
     """Endpoint (Serve application and registry alias) name."""
     port: int = Field(default=8000, ge=1, le=65535)
     """Loopback port of the endpoint."""
@@ -87,7 +87,9 @@ def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> di
     from serve.deploy import DeployConfig
 
     # The endpoint keeps its key check; a key made for this run, unless the user set one.
-    os.environ.setdefault("RAYLOOP_API_KEY", secrets.token_urlsafe(24))
+    if not os.environ.get("RAYLOOP_API_KEY"):
+        os.environ["RAYLOOP_API_KEY"] = secrets.token_urlsafe(24)
+        os.environ["RAYLOOP_API_KEY_MADE_HERE"] = "1"
     uri = cfg.registry.uri or registry.default_uri(cfg.storage.path)
     version = registry.get_version(registry.client(uri), ref)
     # A thousand requests: their access log lines and the client's would bury the figures.
@@ -131,7 +133,12 @@ def main(cfg: PipelineConfig) -> dict:
     summary.update({f"{name}_summary": s for name, _, s in stages[1:]})
     summary["model_dir"], summary["model_version"] = final["model_dir"], final.get("model_version")
 
-    if cfg.endpoint.enabled and summary["model_version"]:
+    if cfg.endpoint.enabled and not summary["model_version"]:
+        from rayloop.config import JobError
+
+        raise JobError(f"the final model {summary['model_dir']} is not in the registry (see the warning above), so "
+                       f"no endpoint can follow it; --endpoint.enabled=false stops at the model")
+    if cfg.endpoint.enabled:
         measured = serve_and_measure(cfg, summary["model_version"], examples)
         for example, completion in list(zip(examples, measured.pop("completions")))[: cfg.num_samples]:
             print(f"  {example['prompt']}{completion!r:<12} expected {example['answer']}")
@@ -144,12 +151,19 @@ def main(cfg: PipelineConfig) -> dict:
                                      cfg.registry.uri or registry.default_uri(cfg.storage.path))
     print(f"pipeline: report at {summary['report']}", flush=True)
     if cfg.endpoint.enabled and cfg.endpoint.keep_serving:
-        import time
-
         import os
+        import time
+        from pathlib import Path
 
-        print(f"pipeline: serving at {summary['base_url']} until Ctrl-C (API key: $RAYLOOP_API_KEY, or "
-              f"{os.environ['RAYLOOP_API_KEY']!r} if this run made it)", flush=True)
+        key = ("this run's, in ~/.rayloop/demo_api_key" if os.environ.get("RAYLOOP_API_KEY_MADE_HERE")
+               else "$RAYLOOP_API_KEY")
+        if os.environ.get("RAYLOOP_API_KEY_MADE_HERE"):  # written for its user only, never printed
+            path = Path("~/.rayloop/demo_api_key").expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+                file.write(os.environ["RAYLOOP_API_KEY"])
+            os.chmod(path, 0o600)
+        print(f"pipeline: serving at {summary.get('base_url')} until Ctrl-C (API key: {key})", flush=True)
         try:
             while True:
                 time.sleep(3600)

@@ -90,7 +90,7 @@ def settings_for(version, settings: dict) -> DeployConfig:
     """The endpoint's deploy config serving `version` (folder checked first)."""
     model = {**settings.get("models", [{}])[0], "id": version.name, "path": check_loads(version),
              "version": f"{version.name}@{version.version}"}
-    data = {k: v for k, v in settings.items() if k != "key_sha256"}
+    data = {k: v for k, v in settings.items() if k != "key_check"}
     try:
         return validate(DeployConfig, {**data, "models": [model], "model": None})
     except ConfigError as exc:
@@ -101,7 +101,7 @@ def stored_settings(cfg: DeployConfig) -> dict:
     """What is kept with the registered model: the deploy config less what belongs to one version, with the HTTP
     shape as resolved where it was first deployed (`auto` depends on the deploying shell's HAProxy setting) and the
     API key's digest (never the key)."""
-    from serve.guard import key_digest, read_api_key
+    from serve.guard import read_api_key
 
     data = cfg.model_dump(mode="json", exclude={"model", "model_id", "ray", "block"})
     data["ingress"] = "direct" if cfg.app_args().direct_ingress() else "openai"
@@ -109,14 +109,26 @@ def stored_settings(cfg: DeployConfig) -> dict:
         for key in ("id", "path", "version"):
             model.pop(key, None)
     if cfg.auth.enabled:
-        data["key_sha256"] = key_digest(read_api_key(cfg.auth))
+        data["key_check"] = key_check(read_api_key(cfg.auth))
     return data
 
 
-def _same_key(cfg: DeployConfig, settings: dict, endpoint: str) -> None:
-    from serve.guard import key_digest, read_api_key
+def key_check(key: str, salt: str | None = None) -> dict:
+    """A salted HMAC of the API key, kept with the endpoint's settings: enough to tell the same key again, of no use
+    for guessing it offline from the registry."""
+    import hashlib
+    import hmac
+    import secrets
 
-    if cfg.auth.enabled and settings.get("key_sha256") not in (None, key_digest(read_api_key(cfg.auth))):
+    salt = salt or secrets.token_hex(16)
+    return {"salt": salt, "hmac": hmac.new(salt.encode(), key.encode(), hashlib.sha256).hexdigest()}
+
+
+def _same_key(cfg: DeployConfig, settings: dict, endpoint: str) -> None:
+    from serve.guard import read_api_key
+
+    stored = settings.get("key_check")
+    if cfg.auth.enabled and stored and key_check(read_api_key(cfg.auth), stored["salt"]) != stored:
         raise JobError(f"the API key here ({cfg.auth.api_key_env} or auth.api_key_file) is not the one endpoint "
                        f"{endpoint!r} was deployed with; deploying with it would lock out every client")
 
@@ -133,17 +145,22 @@ def up(cfg: DeployConfig, endpoint: str, ref: str, uri: str, timeout_s: float = 
     from serve.deploy import first_token_seconds
     from serve.guard import read_api_key
 
+    registry.check_alias(endpoint)
     mlflow = registry.client(uri)
     version = registry.get_version(mlflow, ref)
     cfg = settings_for(version, stored_settings(cfg))
     settings = stored_settings(cfg)
+    existed = app_status(endpoint) is not None
     try:
         _deploy(cfg, endpoint, timeout_s)
         first_token_seconds(base_url(settings), read_api_key(cfg.auth) if cfg.auth.enabled else None, version.name,
                             timeout_s=timeout_s)
-    except (TimeoutError, RuntimeError) as exc:
-        raise JobError(f"endpoint {endpoint!r}: {version.name}@{version.version} did not start: "
-                       f"{registry.first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - a new endpoint that did not start is removed, not left half-up
+        if not existed:
+            down(endpoint)
+        state = "left as Serve has it (see `rayloop serve status`)" if existed else "removed"
+        raise JobError(f"endpoint {endpoint!r}: {version.name}@{version.version} did not start "
+                       f"({registry.first_line(exc)}); the endpoint is {state} and the alias did not move") from None
     for model in mlflow.search_registered_models(max_results=1000):  # the endpoint follows one model only
         if model.name != version.name and registry.ENDPOINT_TAG + endpoint in model.tags:
             mlflow.delete_registered_model_tag(model.name, registry.ENDPOINT_TAG + endpoint)
@@ -184,10 +201,7 @@ def move(endpoint: str, uri: str, *, ref: str | None = None, timeout_s: float = 
     started = time.monotonic()
     try:
         _deploy(cfg, endpoint, timeout_s)
-    except TimeoutError as exc:
-        raise JobError(f"{target.name}@{target.version} {exc}; the alias still names {name}@{current.version}") \
-            from None
-    except Exception as exc:  # noqa: BLE001 - Serve says why the new replicas did not start; restore the old
+    except Exception as exc:  # noqa: BLE001 - it did not start, or not in time: Serve's target goes back to the old
         reason = registry.first_line(exc)
         try:
             _deploy(settings_for(current, settings), endpoint, timeout_s)

@@ -57,6 +57,10 @@ def client(uri: str):
     """An MlflowClient on `uri`, with MLflow's start-up chatter kept out of the job's output."""
     import logging
 
+    # MLflow retries a server that does not answer 7 times with backoff (~4 minutes); a registry that is down
+    # should cost a job seconds, and say so.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow import MlflowClient  # configures MLflow's loggers on import: quieten them after it
 
     for name in ("mlflow", "alembic"):
@@ -67,8 +71,6 @@ def client(uri: str):
 
 def check_reachable(uri: str) -> None:
     """Raise JobError in one line when the registry cannot be read (a server that is down, a bad URI)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # MLflow's default retries a dead server for minutes
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
         client(uri).search_registered_models(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; each means the same to the user
@@ -122,14 +124,15 @@ def _curves(run_dir: str) -> list[tuple[str, float, int]]:
 
 def git_commit() -> str:
     """The commit of the code that ran: `RAYLOOP_GIT_COMMIT` (set by `rayloop submit`, whose working-dir copy has
-    no .git), else the working tree's HEAD with `-dirty` when the tree has uncommitted changes (which is what ran),
-    else `unknown`."""
+    no .git), else the working tree's HEAD, with `-dirty` when the tree has changes or new files (which is what
+    ran), else `unknown`."""
     if os.environ.get("RAYLOOP_GIT_COMMIT"):
         return os.environ["RAYLOOP_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
-                             text=True, timeout=5, check=True)
-        return out.stdout.strip()
+        def git(*args):
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=True).stdout
+
+        return git("rev-parse", "HEAD").strip() + ("-dirty" if git("status", "--porcelain").strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -289,14 +292,32 @@ def move_alias(mlflow_client, name: str, alias: str, version, *, action: str) ->
     alias never moves unrecorded."""
     import uuid
 
-    previous = mlflow_client.get_registered_model(name).aliases.get(alias)
-    now = time.time()
-    record = {"who": _who(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)), "action": action,
+    check_alias(alias)
+    model = mlflow_client.get_registered_model(name)
+    previous = model.aliases.get(alias)
+    record = {"who": _who(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": action,
               "from": str(previous) if previous is not None else None, "to": str(version)}
-    key = f"{ALIAS_TAG}{alias}.{int(now * 1000):015d}-{uuid.uuid4().hex[:8]}"
+    # Ordered by the number of moves before it, not by clocks that may differ between machines.
+    seq = sum(1 for key in model.tags if key.startswith(f"{ALIAS_TAG}{alias}."))
+    key = f"{ALIAS_TAG}{alias}.{seq:06d}-{uuid.uuid4().hex[:8]}"
     mlflow_client.set_registered_model_tag(name, key, json.dumps(record))
-    mlflow_client.set_registered_model_alias(name, alias, str(version))
+    try:
+        mlflow_client.set_registered_model_alias(name, alias, str(version))
+    except Exception:
+        mlflow_client.delete_registered_model_tag(name, key)  # no record of a move that did not happen
+        raise
     return record
+
+
+def check_alias(alias: str) -> str:
+    """An alias (an endpoint's name) MLflow accepts and `<model>@<alias>` cannot mistake for a version."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", alias) or alias.isdigit() or alias == "latest" \
+            or re.fullmatch(r"v\d+", alias):
+        raise JobError(f"endpoint name {alias!r}: use letters, digits, '-' and '_' (not only digits, not 'latest' "
+                       f"or v<digits>), as MLflow's aliases")
+    return alias
 
 
 def served_stack(history: list[dict]) -> list[str]:

@@ -70,3 +70,18 @@ def test_references_that_name_nothing_are_one_line(uri):
     for ref, message in (("m@1", "unknown model 'm'"), ("", "expected <model>@")):
         with pytest.raises(JobError, match=message):
             registry.get_version(mlflow, ref)
+
+
+@pytest.mark.parametrize("name", ["demo.v2", "3", "latest", "v3", "a b"])
+def test_endpoint_names_mlflow_would_refuse_or_misread_are_refused_before_anything(name):
+    with pytest.raises(JobError, match="endpoint name"):
+        registry.check_alias(name)
+
+
+def test_a_failed_alias_move_leaves_no_record(tmp_path, uri):
+    mlflow = registry.client(uri)
+    mlflow.create_registered_model("m")
+    mlflow.create_model_version("m", source=str(tmp_path))
+    with pytest.raises(Exception):
+        registry.move_alias(mlflow, "m", "prod", 9, action="promote")  # no version 9
+    assert registry.alias_history(mlflow, "m", "prod") == []
