@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydantic import Field, PrivateAttr, model_validator
 
 from jobs.pretrain import PretrainConfig
-from rayloop.config import ConfigError, GenerateSection, Section, load_config, run_cli
+from rayloop.config import ConfigError, GenerateSection, JobError, Section, load_config, run_cli
 
 
 class EndpointSection(Section):
@@ -134,8 +134,6 @@ def main(cfg: PipelineConfig) -> dict:
     summary["model_dir"], summary["model_version"] = final["model_dir"], final.get("model_version")
 
     if cfg.endpoint.enabled and not summary["model_version"]:
-        from rayloop.config import JobError
-
         raise JobError(f"the final model {summary['model_dir']} is not in the registry (see the warning above), so "
                        f"no endpoint can follow it; --endpoint.enabled=false stops at the model")
     if cfg.endpoint.enabled:

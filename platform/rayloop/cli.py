@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 from rayloop.config import ConfigError, JobError
+from rayloop.registry import first_line
 
 JOBS = ("pretrain", "sft", "dpo", "reward", "grpo", "pipeline")
 
@@ -42,13 +42,7 @@ def job_client(address: str | None):
     except Exception as exc:  # noqa: BLE001 - connection refused, 401 without the token, a bad address
         where = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
                  or "http://127.0.0.1:8265")
-        raise JobError(f"Ray's job API at {where} refused or did not answer: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    from rayloop.registry import first_line
-
-    return first_line(exc)
+        raise JobError(f"Ray's job API at {where} refused or did not answer: {first_line(exc)}") from None
 
 
 def submit_runtime_env(working_dir: Path) -> dict:
@@ -98,7 +92,7 @@ def cmd_submit(args, job_args: list[str]) -> int:
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     except Exception as exc:  # noqa: BLE001 - the job API refused it (a runtime env it cannot build, no token)
-        raise JobError(f"the job API refused the job: {_first_line(exc)}") from None
+        raise JobError(f"the job API refused the job: {first_line(exc)}") from None
     print(f"submitted {job_id}: {entrypoint}", flush=True)
     if args.no_wait:
         return 0
@@ -133,7 +127,7 @@ def cmd_job(args, _) -> int:
             stopped = client.stop_job(args.job_id)
             print(f"{args.job_id}: {'stopping' if stopped else 'not running'}")
     except RuntimeError as exc:  # the SDK's answer to an unknown id
-        raise JobError(_first_line(exc)) from None
+        raise JobError(first_line(exc)) from None
     return 0
 
 
