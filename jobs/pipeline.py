@@ -12,10 +12,13 @@ served as an endpoint (serve/endpoint.py, `rayloop serve up`), the held-out prob
 
 from __future__ import annotations
 
+import time
+
 from pydantic import Field, PrivateAttr, model_validator
 
 from jobs.pretrain import PretrainConfig
 from rayloop.config import ConfigError, GenerateSection, JobError, Section, load_config, run_cli
+from rayloop.console import say
 
 
 class EndpointSection(Section):
@@ -82,6 +85,7 @@ def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> di
 
     from rayloop import registry
     from rayloop.config import validate
+    from rayloop.console import bar
     from rayloop.tasks import accuracy
     from serve import endpoint
     from serve.deploy import DeployConfig
@@ -98,9 +102,9 @@ def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> di
                                      "accelerator": "gpu" if cfg.scaling.use_gpu else "cpu", "access_log": False})
     entry = deploy.models[0]
     entry.max_model_len, entry.kv_cache_memory_bytes = cfg.generate.max_model_len, cfg.generate.kv_cache_memory_bytes
+    say(f"endpoint {cfg.endpoint.name}: starting {ref} on Ray Serve (vLLM) at 127.0.0.1:{cfg.endpoint.port}")
     up = endpoint.up(deploy, cfg.endpoint.name, ref, uri)
-    print(f"endpoint {cfg.endpoint.name}: serving {ref} at {up['base_url']} (alias {up['model']}@{cfg.endpoint.name})",
-          flush=True)
+    say(f"endpoint {cfg.endpoint.name}: serving {ref} at {up['base_url']} (alias {up['model']}@{cfg.endpoint.name})")
     client = OpenAI(base_url=up["base_url"], api_key=os.environ["RAYLOOP_API_KEY"], max_retries=3)
 
     def ask(example):
@@ -108,8 +112,12 @@ def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> di
                                              max_tokens=cfg.generate.max_tokens)
         return response.choices[0].text, response.system_fingerprint
 
-    with ThreadPoolExecutor(cfg.endpoint.concurrency) as pool:
-        answers = list(pool.map(ask, examples))
+    with ThreadPoolExecutor(cfg.endpoint.concurrency) as pool, \
+            bar(f"endpoint {cfg.endpoint.name}", len(examples), unit="request") as progress:
+        answers = []
+        for answer in pool.map(ask, examples):
+            answers.append(answer)
+            progress.update()
     completions = [text for text, _ in answers]
     return {"endpoint_accuracy": accuracy(completions, [e["answer"] for e in examples]),
             "endpoint_versions": sorted({v for _, v in answers}), "base_url": up["base_url"],
@@ -119,16 +127,21 @@ def serve_and_measure(cfg: PipelineConfig, ref: str, examples: list[dict]) -> di
 def main(cfg: PipelineConfig) -> dict:
     from jobs import grpo, pretrain, sft
     from rayloop import registry, storage
+    from rayloop.console import elapsed
     from rayloop.report import write_report
     from rayloop.tasks import ArithmeticTask
 
     examples = ArithmeticTask(cfg.task).eval_examples()
+    started = time.monotonic()
     summary = pretrain.main(cfg)
+    say(f"pipeline: pretrain done in {elapsed(time.monotonic() - started)}\n")
     stages = [("pretrain", cfg.storage.run_dir(), dict(summary))]
     for name, stage in cfg._stages:
+        started = time.monotonic()
         stage.model.name_or_path = stages[-1][2]["model_dir"]
         stage_summary = {"sft": sft, "grpo": grpo}[name].main(stage)
         stages.append((name, stage.storage.run_dir(), stage_summary))
+        say(f"pipeline: {name} done in {elapsed(time.monotonic() - started)}\n")
     final = stages[-1][2]
     summary.update({f"{name}_summary": s for name, _, s in stages[1:]})
     summary["model_dir"], summary["model_version"] = final["model_dir"], final.get("model_version")
@@ -139,18 +152,16 @@ def main(cfg: PipelineConfig) -> dict:
     if cfg.endpoint.enabled:
         measured = serve_and_measure(cfg, summary["model_version"], examples)
         for example, completion in list(zip(examples, measured.pop("completions")))[: cfg.num_samples]:
-            print(f"  {example['prompt']}{completion!r:<12} expected {example['answer']}")
+            say(f"  {example['prompt']}{completion!r:<12} expected {example['answer']}")
         summary.update(measured)
-        print(f"pipeline: exact-match accuracy through the endpoint, {len(examples)} held-out problems: "
-              f"{measured['endpoint_accuracy']:.1%} (answered by {', '.join(measured['endpoint_versions'])})",
-              flush=True)
+        say(f"pipeline: exact-match accuracy through the endpoint, {len(examples)} held-out problems: "
+            f"{measured['endpoint_accuracy']:.1%} (answered by {', '.join(measured['endpoint_versions'])})")
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     summary["report"] = write_report(cfg.storage.run_dir(), stages, summary,
                                      cfg.registry.uri or registry.default_uri(cfg.storage.path))
-    print(f"pipeline: report at {summary['report']}", flush=True)
+    say(f"pipeline: report at {summary['report']}")
     if cfg.endpoint.enabled and cfg.endpoint.keep_serving:
         import os
-        import time
         from pathlib import Path
 
         key = ("this run's, in ~/.rayloop/demo_api_key" if os.environ.get("RAYLOOP_API_KEY_MADE_HERE")
@@ -161,7 +172,7 @@ def main(cfg: PipelineConfig) -> dict:
             with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
                 file.write(os.environ["RAYLOOP_API_KEY"])
             os.chmod(path, 0o600)
-        print(f"pipeline: serving at {summary.get('base_url')} until Ctrl-C (API key: {key})", flush=True)
+        say(f"pipeline: serving at {summary.get('base_url')} until Ctrl-C (API key: {key})")
         try:
             while True:
                 time.sleep(3600)

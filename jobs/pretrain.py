@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from rayloop.config import (DataSection, DeepSpeedSection, JobConfig, ModelSection, OptimSection, ScalingSection,
                             Section, TaskSection, run_cli)
+from rayloop.console import say
 
 
 class TrainSection(Section):
@@ -111,6 +112,7 @@ def train_loop(loop_config: dict) -> None:
     import deepspeed
     import ray.train
 
+    from rayloop.console import reporter
     from rayloop.data import load_documents, pack_blocks
     from rayloop.models import load_model
     from rayloop.tracking import Tracker, log_dir_for, plot_curves, sync_logs
@@ -141,8 +143,8 @@ def train_loop(loop_config: dict) -> None:
     if start_step:
         state["resumed_from_step"] = start_step
     state["worker_nodes"] = worker_nodes()  # this attempt's, reported with each checkpoint
-    tracker = Tracker(log_dir, total_steps=cfg.train.steps, initial_step=start_step,
-                      history=state["history"], enabled=rank == 0, description=f"pretrain {cfg.storage.name}")
+    tracker = Tracker(log_dir, initial_step=start_step, history=state["history"], enabled=rank == 0,
+                      progress=reporter(loop_config, rank, cfg.train.steps))
 
     tokens, started = 0, time.perf_counter()
     for step in range(start_step + 1, cfg.train.steps + 1):
@@ -215,21 +217,23 @@ def main(cfg: PretrainConfig) -> dict:
     """Train (or resume the run of the same name); return the final metrics and the final HF folder's path."""
     from rayloop import storage
     from rayloop.cluster import init_ray
+    from rayloop.console import stage_bar
     from rayloop.models import PRESETS
     from rayloop.registry import register
     from rayloop.train import final_checkpoint, make_trainer
 
     model_dir = prepare_model(cfg)
     init_ray(cfg.ray)
-    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": model_dir},
-                           scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
-                           num_to_keep=cfg.train.keep_checkpoints)
-    result = trainer.fit()
+    with stage_bar(f"pretrain {cfg.storage.name}", cfg.train.steps) as progress:
+        trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": model_dir, "progress": progress},
+                               scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
+                               num_to_keep=cfg.train.keep_checkpoints)
+        result = trainer.fit()
     checkpoint = final_checkpoint(result, cfg.storage, plot="loss.png")
     summary = {**result.metrics, "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "hf")}
     resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
-    print(f"pretrain: step {summary['step']}{resumed}, eval loss {summary['eval_loss_before']:.3f} -> "
-          f"{summary['eval_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s, model at {summary['model_dir']}")
+    say(f"pretrain: step {summary['step']}{resumed}, eval loss {summary['eval_loss_before']:.3f} -> "
+        f"{summary['eval_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s, model at {summary['model_dir']}")
     base = cfg.model.name_or_path
     summary["model_version"] = register(cfg, summary, job="pretrain",
                                         parent=f"preset:{base}" if base in PRESETS else base)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from rayloop.config import run_cli
+from rayloop.console import say
 from rayloop.posttrain import PostTrainConfig, PostTrainSection
 
 
@@ -69,9 +70,9 @@ def main(cfg: RewardJobConfig) -> dict:
                      for model in (cfg.model.name_or_path, summary["model_dir"]))
     margins = summary["margin"] = paired_difference(before, after)
     summary["preference"] = paired_difference([float(m > 0) for m in before], [float(m > 0) for m in after])
-    print(f"reward: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
-          f"score margin {margins['before']:+.3f} -> {margins['after']:+.3f} (95% CI of the difference "
-          f"[{margins['ci_low']:+.3f}, {margins['ci_high']:+.3f}]); model at {summary['model_dir']}")
+    say(f"reward: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
+        f"score margin {margins['before']:+.3f} -> {margins['after']:+.3f} (95% CI of the difference "
+        f"[{margins['ci_low']:+.3f}, {margins['ci_high']:+.3f}]); model at {summary['model_dir']}")
     summary["model_version"] = register(cfg, summary, job="reward", parent=cfg.model.name_or_path,
                                         default_model="rayloop-reward")
     storage.write_json(cfg.storage.run_path("results.json"), summary)

@@ -12,6 +12,7 @@ task's data greedy exact-match accuracy.
 from __future__ import annotations
 
 from rayloop.config import run_cli
+from rayloop.console import say
 from rayloop.posttrain import PostTrainConfig
 
 
@@ -55,6 +56,7 @@ def main(cfg: SFTJobConfig) -> dict:
     summary = fit(cfg, sft.build_trainer, plot_keys=["loss", "eval_loss", "eval_exact_match"], plot_name="loss")
     _, held_out = cfg.data()
     gpu = cfg.scaling.use_gpu
+    say(f"sft: held-out evaluation of the start and trained models ({len(held_out)} examples)")
     loss = summary["held_out_loss"] = compare_on_ray(loss_scores, cfg.model.name_or_path, summary["model_dir"],
                                                          held_out.to_list(), use_gpu=gpu)
     summary["perplexity"] = {"before": math.exp(loss["before"]), "after": math.exp(loss["after"])}
@@ -67,7 +69,7 @@ def main(cfg: SFTJobConfig) -> dict:
         summary["exact_match"] = compare_exact_match(cfg.model.name_or_path, summary["model_dir"],
                                                      ArithmeticTask(cfg.task).eval_examples(), use_gpu=gpu)
         line += f"; {describe('held-out exact match', summary['exact_match'])}"
-    print(f"{line}, model at {summary['model_dir']}")
+    say(f"{line}, model at {summary['model_dir']}")
     summary["model_version"] = register(cfg, summary, job="sft", parent=cfg.model.name_or_path)
     storage.write_json(cfg.storage.run_path("results.json"), summary)
     return summary

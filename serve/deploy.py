@@ -16,17 +16,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from rayloop.config import RaySection, run_cli
+from rayloop.console import say
 from serve.config import ModelEntry, ServeAppConfig
 
 
 class DeployConfig(ServeAppConfig):
     """An application config (see serve/app.py) plus where it runs. `model` is the one-folder shortcut."""
 
+    job_name: ClassVar[str] = "serve"
     models: list[ModelEntry] = []
     model: str | None = None
     """Shortcut for one model: its folder (HF folder, checkpoint or run folder). Its id is `model_id`."""
@@ -115,10 +117,10 @@ def main(cfg: DeployConfig) -> dict:
     ready = first_token_seconds(base_url, key, args.models[0].id)
     summary = {"base_url": base_url, "models": [m.id for m in args.models], "auth": args.auth.enabled,
                "deploy_to_first_token_s": round(time.monotonic() - t0, 1), "first_token_wait_s": round(ready, 1)}
-    print(f"serve: {json.dumps(summary)}", flush=True)
+    say(f"serve: {json.dumps(summary)}")
 
     if cfg.block if cfg.block is not None else started_here:
-        print("serve: serving until Ctrl-C", flush=True)
+        say("serve: serving until Ctrl-C")
         try:
             while True:
                 time.sleep(3600)

@@ -73,11 +73,12 @@ def submit_runtime_env(working_dir: Path) -> dict:
 
 
 def cmd_submit(args, job_args: list[str]) -> int:
-    from rayloop.config import parse_args
+    from rayloop.config import VERBOSE_FLAG, parse_args
 
     if args.job not in JOBS:
         raise ConfigError(f"unknown job {args.job!r} (jobs: {', '.join(JOBS)})")
-    parse_args(job_args)  # the overrides' syntax, here; the job checks its whole config before it asks for resources
+    # The overrides' syntax, here; the job checks its whole config before it asks for resources.
+    parse_args([a for a in job_args if a != VERBOSE_FLAG])
     working_dir = Path(args.working_dir).resolve()
     if not working_dir.is_dir():
         raise ConfigError(f"--working-dir: no such folder {args.working_dir!r}")

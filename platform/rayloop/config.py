@@ -356,20 +356,80 @@ def describe_fields(cls: type[Section], prefix: str = "") -> list[str]:
     return lines
 
 
+VERBOSE_FLAG = "--verbose"
+"""A job's flag for the output of Ray, vLLM, DeepSpeed and TRL on the terminal instead of the run's log file."""
+
+
 def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = None) -> Any:
-    """Entry point of every job: validate the whole config first, then call main. Exit 2 with one line if bad."""
+    """Entry point of every job: validate the whole config first, then call main. Exit 2 with one line if bad.
+
+    Unless `--verbose` is given, the output of Ray, vLLM, DeepSpeed and TRL goes to a log file under the run
+    (its path said first), and the terminal keeps the job's own lines and a bar per stage (rayloop/console.py).
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
-        print(f"usage: python -m <job> [--config PATH] [--section.field=value ...]\n\n{cls.__doc__ or ''}\n")
+        print(f"usage: python -m <job> [--config PATH] [--section.field=value ...] [--verbose]\n\n"
+              f"{cls.__doc__ or ''}\n\n  --verbose  (flag)  Ray's, vLLM's, DeepSpeed's and TRL's output here "
+              f"instead of the run's log file")
         print("\n".join(describe_fields(cls)))
         return None
+    verbose = VERBOSE_FLAG in argv
     try:
-        cfg = load_config(cls, argv)
+        cfg = load_config(cls, [a for a in argv if a != VERBOSE_FLAG])
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    from rayloop import console
+
+    log_file = None if verbose else console.quiet_into(_log_file(cfg))
+    if log_file:
+        console.say(f"{getattr(cfg, 'job_name', 'job')}: the output of Ray, vLLM, DeepSpeed and TRL goes to "
+                    f"{log_file} (--verbose: here)")
     try:
         return main(cfg)
     except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        console.say(f"error: {exc}", err=True)
         raise SystemExit(1) from None
+    except Exception as exc:
+        if not log_file:
+            raise
+        import traceback
+
+        traceback.print_exc()  # into the log
+        first = (str(exc).strip().splitlines() or [""])[0]
+        console.say(f"error: {type(exc).__name__}: {first} (traceback in {log_file})", err=True)
+        raise SystemExit(1) from None
+    finally:
+        if log_file:
+            _keep_log(cfg, log_file)
+
+
+def _log_file(cfg: Any) -> str:
+    """`<run>/logs/<job>-<time>.log` for a run in a local folder; for one in object storage a local file under
+    ~/.rayloop/logs, copied to `<run>/logs/` when the job ends."""
+    import time
+
+    name = f"{getattr(cfg, 'job_name', 'job')}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    from rayloop.storage import is_uri
+
+    storage = getattr(cfg, "storage", None)
+    if isinstance(storage, StorageSection) and not is_uri(storage.path):
+        return os.path.join(storage.run_dir(), "logs", name)
+    return os.path.join(os.path.expanduser("~/.rayloop/logs"), name)
+
+
+def _keep_log(cfg: Any, log_file: str) -> None:
+    from rayloop import console, storage as store
+
+    storage = getattr(cfg, "storage", None)
+    if not isinstance(storage, StorageSection) or not store.is_uri(storage.path):
+        return
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        target = store.join(storage.run_dir(), "logs", os.path.basename(log_file))
+        store.upload(log_file, target)
+        console.say(f"{getattr(cfg, 'job_name', 'job')}: log kept at {target}")
+    except Exception as exc:  # noqa: BLE001 - the run's results are already stored; the log stays local
+        console.say(f"warning: the log stays at {log_file} ({type(exc).__name__}: {exc})", err=True)

@@ -145,9 +145,18 @@ def latest_registered_checkpoint(run_dir: str) -> str | None:
 
     if not storage.is_file(storage.join(run_dir, "checkpoint_manager_snapshot.json")):
         return None
+    import logging
+
     from ray.train import Result
 
-    result = Result.from_path(run_dir)
+    # Reading the record logs, at INFO, advice for a trainer about to resume the run, which this is not.
+    ray_train_log = logging.getLogger("ray.train")
+    level = ray_train_log.level
+    ray_train_log.setLevel(logging.WARNING)
+    try:
+        result = Result.from_path(run_dir)
+    finally:
+        ray_train_log.setLevel(level)
     if result.checkpoint is None:
         return None
     return storage.join(run_dir, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])

@@ -31,6 +31,7 @@ from pydantic import ByteSize, Field, model_validator
 
 from rayloop.config import (DeepSpeedSection, JobConfig, JobError, MiB, OptimSection, ScalingSection, Section,
                             StartModelSection, TaskSection)
+from rayloop.console import say
 from rayloop.dataset import DatasetSection
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def training_arguments(cfg: PostTrainConfig, output_dir: str, *, bf16: bool) -> 
         seed=t.seed,
         data_seed=t.seed,
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=True,  # the driver draws the stage's bar (rayloop/console.py)
     )
 
 
@@ -327,7 +328,7 @@ def use_cpu_weight_sync(trainer) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool):
+def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool, progress):
     from transformers import TrainerCallback
 
     class HeldOutAccuracy(TrainerCallback):
@@ -422,7 +423,18 @@ def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool):
             self.totals.clear()
             self.steps = 0
 
-    return [HeldOutAccuracy(), RunInfo(), PhaseSeconds()]
+    class StageProgress(TrainerCallback):
+        """Rank 0's step, loss and reward, for the bar the driver draws."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.update(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            figures = {k: logs[k] for k in ("loss", "reward") if isinstance((logs or {}).get(k), int | float)}
+            if figures:
+                progress.update(state.global_step, **figures)
+
+    return [HeldOutAccuracy(), RunInfo(), PhaseSeconds(), StageProgress()]
 
 
 _PHASE_SECONDS: dict[str, float] | None = None
@@ -455,6 +467,7 @@ def train_loop(loop_config: dict) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers.integrations import TensorBoardCallback
 
+    from rayloop.console import reporter
     from rayloop.storage import local_copy, training_state
     from rayloop.tracking import log_dir_for, sync_logs
     from rayloop.train import use_bf16
@@ -473,7 +486,9 @@ def train_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     # TensorBoard's callback goes last, so that it writes the figures ours add to the logs (step_seconds, time/*).
     tensorboard = trainer.pop_callback(TensorBoardCallback)
-    callbacks = [RayTrainReportCallback(), *_callbacks(cfg, log_dir, resumed=checkpoint is not None)]
+    progress = reporter(loop_config, rank, cfg.train.steps)
+    callbacks = [RayTrainReportCallback(), *_callbacks(cfg, log_dir, resumed=checkpoint is not None,
+                                                        progress=progress)]
     if tensorboard is not None:
         callbacks += [tensorboard, _sync_logs_callback(tensorboard, log_dir, run_dir)]
     for callback in callbacks:
@@ -527,16 +542,18 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
     metrics plus `checkpoint` and `model_dir` (the final checkpoint and its HF folder, local paths or URIs)."""
     from rayloop import storage
     from rayloop.cluster import init_ray
+    from rayloop.console import stage_bar
     from rayloop.train import final_checkpoint, make_trainer
 
     init_ray(cfg.ray)
-    trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": cfg.model.name_or_path,
-                                        "build_trainer": build_trainer, "plot_keys": plot_keys,
-                                        "plot_name": plot_name},
-                           scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
-                           num_to_keep=cfg.train.keep_checkpoints)
     try:
-        result = trainer.fit()
+        with stage_bar(f"{cfg.job_name} {cfg.storage.name}", cfg.train.steps) as progress:
+            trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": cfg.model.name_or_path,
+                                                "build_trainer": build_trainer, "plot_keys": plot_keys,
+                                                "plot_name": plot_name, "progress": progress},
+                                   scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
+                                   num_to_keep=cfg.train.keep_checkpoints)
+            result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - a user's reward or data failing is one line, anything else all of it
         from rayloop.rewards import run_error
 
@@ -557,9 +574,9 @@ def fit(cfg: PostTrainConfig, build_trainer: Callable[[Any, str, dict], Any], *,
         summary["lora"] = on_ray(merge_adapter, cfg.model.name_or_path, summary["model_dir"], adapter_dir, merged_dir,
                                  use_gpu=cfg.scaling.use_gpu)
         summary["adapter_dir"], summary["model_dir"] = adapter_dir, merged_dir
-        print(f"{cfg.job_name}: LoRA trained {summary['lora']['trainable_params']:,} of "
-              f"{summary['lora']['total_params']:,} parameters ({summary['lora']['share']:.2%}); adapter at "
-              f"{summary['adapter_dir']}, merged model at {summary['model_dir']}")
+        say(f"{cfg.job_name}: LoRA trained {summary['lora']['trainable_params']:,} of "
+            f"{summary['lora']['total_params']:,} parameters ({summary['lora']['share']:.2%}); adapter at "
+            f"{summary['adapter_dir']}, merged model at {summary['model_dir']}")
     return summary
 
 

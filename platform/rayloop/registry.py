@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rayloop.config import JobError, RegistrySection
+from rayloop.console import say
 
 ALIAS_TAG = "rayloop.alias."
 ENDPOINT_TAG = "rayloop.endpoint."
@@ -220,10 +221,10 @@ def register(cfg, summary: dict, *, job: str, parent: str, default_model: str = 
         version = mlflow.create_model_version(name, source=source, run_id=run_id, tags=tags,
                                               description=f"{job} run {cfg.storage.name}")
     except Exception as exc:  # noqa: BLE001 - the model is written either way; say so and go on
-        print(f"{job}: warning: the model at {source} was not registered in {uri}: {first_line(exc)}", flush=True)
+        say(f"{job}: warning: the model at {source} was not registered in {uri}: {first_line(exc)}")
         return None
     ref = f"{name}@{version.version}"
-    print(f"{job}: registered {ref} ({source}) in {uri}", flush=True)
+    say(f"{job}: registered {ref} ({source}) in {uri}")
     return ref
 
 

@@ -1,4 +1,4 @@
-"""What a person watches during and after a run: TensorBoard event files, a progress bar, PNG curves.
+"""What a person watches during and after a run: TensorBoard event files, the stage's progress bar, PNG curves.
 
 Only rank 0 tracks; other ranks get a `Tracker(enabled=False)` whose calls do nothing, so loops need no `if rank == 0`.
 """
@@ -10,14 +10,17 @@ from collections import defaultdict
 
 
 class Tracker:
-    def __init__(self, log_dir: str | None, *, total_steps: int, initial_step: int = 0,
-                 history: dict[str, list] | None = None, enabled: bool = True, description: str = "train"):
-        """`history`: the metric history of a resumed run (as saved in its checkpoint), continued from there."""
+    def __init__(self, log_dir: str | None, *, initial_step: int = 0, history: dict[str, list] | None = None,
+                 enabled: bool = True, progress=None):
+        """`history`: the metric history of a resumed run (as saved in its checkpoint), continued from there.
+        `progress`: a `console.StepReporter`, which feeds the bar the driver draws."""
         self.enabled = enabled
+        self.step = initial_step
+        self._progress = progress
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         if enabled:
             self.history.update({k: [tuple(p) for p in points] for k, points in (history or {}).items()})
-        self._writer = self._bar = None
+        self._writer = None
         if not enabled:
             return
         if log_dir is not None:
@@ -25,12 +28,6 @@ class Tracker:
 
             os.makedirs(log_dir, exist_ok=True)
             self._writer = SummaryWriter(log_dir)
-        # Ray's tqdm shows one live bar on the driver instead of a stream of worker log lines.
-        from ray.experimental.tqdm_ray import tqdm
-
-        self._description = description
-        self._bar = tqdm(total=total_steps, desc=description, position=0)
-        self._bar.update(initial_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record metrics (history, TensorBoard) and show the loss, when present, on the bar."""
@@ -40,12 +37,13 @@ class Tracker:
             self.history[key].append((step, float(value)))
             if self._writer is not None:
                 self._writer.add_scalar(key, value, step)
-        if "loss" in metrics:  # Ray's tqdm has no set_postfix
-            self._bar.set_description(f"{self._description} loss={metrics['loss']:.3f}")
+        if "loss" in metrics and self._progress is not None:
+            self._progress.update(step, loss=metrics["loss"])
 
     def advance(self, steps: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(steps)
+        self.step += steps
+        if self.enabled and self._progress is not None:
+            self._progress.update(self.step)
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -54,8 +52,6 @@ class Tracker:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self._bar is not None:
-            self._bar.close()
 
 
 def plot_curves(history: dict[str, list[tuple[int, float]]], keys: list[str], path: str, title: str = "") -> str | None:

@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from rayloop.config import DeepSpeedSection, OptimSection, ScalingSection, StorageSection
+from rayloop.console import say
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -144,7 +145,7 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
     storage_path, name = run_dir.rsplit("/", 1)
     notice = resume_notice(run_dir)
     if notice:
-        print(notice, flush=True)
+        say(notice)
     return TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config=loop_config,

@@ -173,7 +173,9 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
     # The user's reward, behind a probe that says which node each call ran on.
     (folder / "node_probe.py").write_text(NODE_PROBE)
     # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in words with digits (the node ids) into one line.
-    output = cluster.rayloop(folder, "submit", "grpo", "--env", "RAY_DEDUP_LOGS=0", "--config", "grpo.yaml",
+    # --verbose: the workers' output in the job's log, where the probe's lines are read.
+    output = cluster.rayloop(folder, "submit", "grpo", "--env", "RAY_DEDUP_LOGS=0", "--verbose",
+                             "--config", "grpo.yaml",
                              f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}",
                              "--train.steps=10", "--train.checkpoint_every=5", "--scaling.placement_strategy=SPREAD",
                              "--rewards=[{function: 'node_probe:contains_target'}]").stdout
@@ -206,6 +208,29 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
     text = cluster.rayloop(ROOT, "models", "show", "rayloop").stdout
     print(text)
     assert "lineage:" in text and "base: preset:tiny" in text
+
+
+def test_dpo_and_reward_jobs_submitted_side_by_side_register_their_models(cluster):
+    """The preference jobs, from SFT's checkpoint in the bucket, submitted together with `rayloop submit --no-wait`
+    and followed with `rayloop logs -f`: each ends SUCCEEDED, its model registered with SFT's as its parent."""
+    cluster, s3 = cluster
+    common = [f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}",
+              "--train.steps=4", "--train.checkpoint_every=2", "--train.per_device_batch_size=8",
+              "--task.num_train=200", "--task.num_eval=16"]
+    submitted = {}
+    for job, extra in (("dpo", ["--train.eval_samples=8"]), ("reward", ["--rejected_per_problem=1"])):
+        output = cluster.rayloop(ROOT, "submit", job, "--no-wait", "--config", f"jobs/configs/{job}_tiny.yaml",
+                                 *common, *extra).stdout
+        submitted[job] = output.split("submitted ", 1)[1].split(":", 1)[0]
+    for job, job_id in submitted.items():
+        output = cluster.rayloop(ROOT, "logs", "-f", job_id, timeout_s=900).stdout
+        assert f"job {job_id}: SUCCEEDED" in output and f"{job}: registered rayloop@" in output, output[-3000:]
+        ref = output.split(f"{job}: registered ", 1)[1].split()[0]
+        chain = json.loads(cluster.rayloop(ROOT, "models", "show", ref, "--json").stdout)
+        print(f"{job}: " + " <- ".join(f"{v['name']}@{v['version']} ({v['tags']['job']})" for v in chain))
+        assert [v["tags"]["job"] for v in chain] == [job, "sft", "pretrain"], chain
+        assert chain[0]["source"].startswith(f"s3://{s3.bucket}/runs/{job}-tiny/checkpoint_"), chain
+        assert chain[0]["tags"]["ray_job_id"] == job_id, chain
 
 
 def test_job_api_without_the_right_token_is_one_line_and_nothing_runs(cluster, tmp_path):

@@ -4,7 +4,7 @@ from rayloop.tracking import Tracker, plot_curves
 
 
 def test_disabled_tracker_does_nothing():
-    tracker = Tracker("/nonexistent/never-created", total_steps=3, enabled=False)
+    tracker = Tracker("/nonexistent/never-created", enabled=False)
     tracker.log(1, {"loss": 1.0})
     tracker.advance()
     tracker.close()
@@ -19,7 +19,7 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_resumed_history_continues(tmp_path):
-    tracker = Tracker(str(tmp_path / "tb"), total_steps=4, initial_step=2, history={"loss": [[1, 3.0], [2, 2.0]]})
+    tracker = Tracker(str(tmp_path / "tb"), initial_step=2, history={"loss": [[1, 3.0], [2, 2.0]]})
     tracker.log(3, {"loss": 1.5})
     tracker.advance()
     tracker.close()
