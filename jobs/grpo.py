@@ -25,6 +25,8 @@ from rayloop.console import say
 from rayloop.posttrain import PostTrainConfig, RolloutSection
 from rayloop.rewards import RewardSpec
 
+EXACT_MATCH = RewardSpec(function="rayloop.rewards:exact_match")
+
 
 class GRPOJobConfig(PostTrainConfig):
     """Online RL (TRL GRPO or RLOO) with vLLM rollouts on Ray Train."""
@@ -136,7 +138,11 @@ def main(cfg: GRPOJobConfig) -> dict:
     line = (f"{cfg.algorithm}: step {summary.get('step')}, held-out reward, greedy "
             f"{_describe_reward(summary['greedy_reward'])}; sampled at temperature {cfg.rollout.temperature} "
             f"{_describe_reward(summary['sampled_reward'])}")
-    if cfg.dataset.path is None:  # the task's data carries answers
+    if cfg.dataset.path is None and [r.model_dump() for r in cfg.rewards] == [EXACT_MATCH.model_dump()]:
+        # The greedy reward is this figure already: the same greedy answers, scored the same way.
+        summary["exact_match"] = summary["greedy_reward"]
+        line += "; that is the held-out exact match"
+    elif cfg.dataset.path is None:  # the task's data carries answers
         summary["exact_match"] = compare_exact_match(start, trained, rows, use_gpu=use_gpu)
         line += f"; {describe('exact match (greedy)', summary['exact_match'])}"
     say(f"{line}; model at {trained}")

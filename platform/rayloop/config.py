@@ -396,12 +396,31 @@ def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = Non
         import traceback
 
         traceback.print_exc()  # into the log
-        first = (str(exc).strip().splitlines() or [""])[0]
-        console.say(f"error: {type(exc).__name__}: {first} (traceback in {log_file})", err=True)
+        cause = root_cause(exc)
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()] or [""]
+        # A message that carries a remote traceback (a Ray task's) ends with the error; others start with it.
+        line = lines[-1] if any(text.startswith("Traceback") for text in lines) else lines[0]
+        console.say(f"error: {type(cause).__name__}: {line} (traceback in {log_file})", err=True)
         raise SystemExit(1) from None
     finally:
         if log_file:
             _keep_log(cfg, log_file)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error behind Ray Train's wrappers: a worker's (the lowest rank that failed) or the controller's; a Ray
+    task's error as raised in the task (its message ends with that error's last line)."""
+    for _ in range(10):
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+        elif getattr(exc, "controller_failure", None) is not None:
+            exc = exc.controller_failure
+        elif getattr(exc, "cause", None) is not None and exc.cause is not exc:  # RayTaskError
+            exc = exc.cause
+        else:
+            break
+    return exc
 
 
 def _log_file(cfg: Any) -> str:
@@ -431,5 +450,6 @@ def _keep_log(cfg: Any, log_file: str) -> None:
         target = store.join(storage.run_dir(), "logs", os.path.basename(log_file))
         store.upload(log_file, target)
         console.say(f"{getattr(cfg, 'job_name', 'job')}: log kept at {target}")
+        os.remove(log_file)
     except Exception as exc:  # noqa: BLE001 - the run's results are already stored; the log stays local
         console.say(f"warning: the log stays at {log_file} ({type(exc).__name__}: {exc})", err=True)

@@ -39,6 +39,11 @@ def quiet_into(log_path: str) -> str:
     os.dup2(log, 2)
     os.close(log)
     _log_path = log_path
+    import signal
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        # `ray job stop` sends SIGTERM: exit through the job's `finally`s, which keep the log of a run in s3.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return log_path
 
 
@@ -52,8 +57,13 @@ def terminal(err: bool = False) -> IO[str]:
 
 
 def say(line: str, *, err: bool = False) -> None:
-    """A line for the user: on the terminal, and in the log file too, so the log reads whole."""
-    print(line, file=terminal(err), flush=True)
+    """A line for the user: on the terminal (above a live bar, which is redrawn under it), and in the log file
+    too, so the log reads whole."""
+    from tqdm import tqdm
+
+    out = terminal(err)
+    with tqdm.external_write_mode(file=terminal(err=True)):  # where bars are drawn
+        print(line, file=out, flush=True)
     if _terminal:
         print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
@@ -66,13 +76,14 @@ def elapsed(seconds: float) -> str:
 @contextmanager
 def bar(description: str, total: int | None, unit: str = "step") -> Iterator[Any]:
     """A tqdm bar on the terminal, closed when the block ends. Redrawn in place on a terminal; written every
-    30 s into a file or pipe (CI logs), where each redraw is a new line."""
+    30 s into a file or pipe (CI logs), where each redraw is a new line. None is drawn with `--verbose` (or in a
+    process whose output was left where it was): Ray's forwarded lines would cut through it."""
     from tqdm import tqdm
 
     out = terminal(err=True)
     tty = out.isatty()
     progress = tqdm(total=total, desc=description, unit=unit, file=out, dynamic_ncols=tty, leave=True,
-                    mininterval=0.5 if tty else 30.0, ncols=None if tty else 100)
+                    mininterval=0.5 if tty else 30.0, ncols=None if tty else 100, disable=not _terminal)
     try:
         yield progress
     finally:
@@ -105,12 +116,12 @@ class StepReporter:
     def __init__(self, board=None, total: int | None = None):
         self.board, self.total, self.sent, self.figures = board, total, 0.0, {}
 
-    def update(self, step: int, **figures: float) -> None:
+    def update(self, step: int, *, force: bool = False, **figures: float) -> None:
         if self.board is None:
             return
         self.figures.update({k: float(v) for k, v in figures.items() if v is not None})
         now = time.monotonic()
-        if now - self.sent < 0.5 and step != self.total:
+        if now - self.sent < 0.5 and step != self.total and not force:
             return
         self.sent = now
         try:
@@ -128,18 +139,24 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
     """A board for a Ray Train run and the bar that follows it: yields the board's handle, to pass to the train
     loop as `loop_config["progress"]`. Ray must be up."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    # On this node: the bar must not die with a worker node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
     done = threading.Event()
 
     def follow(progress) -> None:
-        shown = None
+        shown, started = None, time.monotonic()
         progress.set_postfix_str("starting workers")
         while not done.wait(1.0):
             try:
-                step, figures = ray.get(board.read.remote(), timeout=10)
+                step, figures = ray.get(board.read.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - the bar only
                 continue
+            if not step and shown is None and time.monotonic() - started > 120:
+                # Workers that cannot be placed: Ray says why in the log.
+                progress.set_postfix_str(f"waiting for workers, see {_log_path}" if _log_path else "waiting for workers")
             if step and shown is None:
                 # Rates from the first step on: the workers' start (a minute on 2 cores) is not a step.
                 # A resumed run's first report is the step it continues from.
@@ -159,12 +176,12 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
             yield board
         finally:
             done.set()
-            thread.join(timeout=15)
-            try:  # the final figures, drawn before the bar closes
-                step, figures = ray.get(board.read.remote(), timeout=10)
+            thread.join(timeout=7)
+            try:  # the final figures, drawn before the bar closes; the bar only, never the run's error
+                step, figures = ray.get(board.read.remote(), timeout=2)
                 if figures:
                     progress.set_postfix({k: f"{v:.3g}" for k, v in figures.items()}, refresh=False)
                 progress.update(max(0, step - progress.n))
+                ray.kill(board)
             except Exception:  # noqa: BLE001
                 pass
-            ray.kill(board)

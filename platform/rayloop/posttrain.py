@@ -434,6 +434,9 @@ def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool, progress):
             if figures:
                 progress.update(state.global_step, **figures)
 
+        def on_train_end(self, args, state, control, **kwargs):
+            progress.update(state.global_step, force=True)
+
     return [HeldOutAccuracy(), RunInfo(), PhaseSeconds(), StageProgress()]
 
 

@@ -148,13 +148,17 @@ def ray_job_id() -> str:
 
 
 def find_version(mlflow_client, model: str, source: str):
-    """The newest version of `model` whose source is `source`, else None."""
-    try:
-        versions = mlflow_client.search_model_versions(f"name='{model}'")
-    except Exception:  # noqa: BLE001 - no such registered model yet
-        return None
-    matches = [v for v in versions if v.source.rstrip("/") == source.rstrip("/")]
-    return max(matches, key=lambda v: int(v.version), default=None)
+    """The newest version whose source is `source`: of `model`, else of any registered model (a reward model,
+    registered under a name of its own, starts from a policy's version)."""
+    for query in (f"name='{model}'", None):
+        try:
+            versions = mlflow_client.search_model_versions(query)
+        except Exception:  # noqa: BLE001 - no such registered model yet
+            continue
+        matches = [v for v in versions if v.source.rstrip("/") == source.rstrip("/")]
+        if matches:
+            return max(matches, key=lambda v: int(v.version))
+    return None
 
 
 def _get_or_create(create, get):
@@ -210,7 +214,7 @@ def register(cfg, summary: dict, *, job: str, parent: str, default_model: str = 
         seeds = {f"{k}.seed": v["seed"] for k, v in config.items() if isinstance(v, dict) and "seed" in v}
         tags = {
             "job": job,
-            "parent": f"{name}@{parent_version.version}" if parent_version else parent,
+            "parent": f"{parent_version.name}@{parent_version.version}" if parent_version else parent,
             "config": yaml.safe_dump(config, sort_keys=False),
             "data": json.dumps(data, sort_keys=True),
             "seed": json.dumps(seeds, sort_keys=True),

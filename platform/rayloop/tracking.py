@@ -50,6 +50,8 @@ class Tracker:
             self._writer.flush()
 
     def close(self) -> None:
+        if self.enabled and self._progress is not None:
+            self._progress.update(self.step, force=True)
         if self._writer is not None:
             self._writer.close()
 

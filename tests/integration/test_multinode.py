@@ -212,7 +212,8 @@ def test_sft_from_s3_then_grpo_from_a_users_own_folder_with_their_data_and_rewar
 
 def test_dpo_and_reward_jobs_submitted_side_by_side_register_their_models(cluster):
     """The preference jobs, from SFT's checkpoint in the bucket, submitted together with `rayloop submit --no-wait`
-    and followed with `rayloop logs -f`: each ends SUCCEEDED, its model registered with SFT's as its parent."""
+    and followed with `rayloop logs -f`: each ends SUCCEEDED, its model registered with SFT's version as its parent
+    (the reward model under a registered model of its own)."""
     cluster, s3 = cluster
     common = [f"--model.name_or_path={s3.uri('runs', 'sft-tiny')}", f"--storage.path={s3.uri('runs')}",
               "--train.steps=4", "--train.checkpoint_every=2", "--train.per_device_batch_size=8",
@@ -224,7 +225,8 @@ def test_dpo_and_reward_jobs_submitted_side_by_side_register_their_models(cluste
         submitted[job] = output.split("submitted ", 1)[1].split(":", 1)[0]
     for job, job_id in submitted.items():
         output = cluster.rayloop(ROOT, "logs", "-f", job_id, timeout_s=900).stdout
-        assert f"job {job_id}: SUCCEEDED" in output and f"{job}: registered rayloop@" in output, output[-3000:]
+        model = {"dpo": "rayloop", "reward": "rayloop-reward"}[job]  # a reward model is no policy: a name of its own
+        assert f"job {job_id}: SUCCEEDED" in output and f"{job}: registered {model}@" in output, output[-3000:]
         ref = output.split(f"{job}: registered ", 1)[1].split()[0]
         chain = json.loads(cluster.rayloop(ROOT, "models", "show", ref, "--json").stdout)
         print(f"{job}: " + " <- ".join(f"{v['name']}@{v['version']} ({v['tags']['job']})" for v in chain))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from conftest import posttrain_config
 from jobs import dpo, grpo, reward, sft
+from rayloop.evaluate import exact_match_scores, on_ray
 from rayloop.models import load_model
 from rayloop.tasks import ArithmeticTask
 from test_pretrain_fault import _train_workers
@@ -63,8 +64,13 @@ def test_grpo_with_vllm_rollouts_survives_a_worker_kill(sft_result, posttrain_ru
     assert "eval_exact_match" in summary
     sampled = summary["sampled_reward"]  # exact match of 8 vLLM samples per held-out problem, before and after
     assert sampled["n"] == len(ArithmeticTask(cfg.task).eval_examples()) and 0 < sampled["before"] < 1, sampled
-    greedy = summary["greedy_reward"]  # vLLM's greedy answers scored by the reward: HF's greedy exact match
-    assert abs(greedy["after"] - summary["exact_match"]["after"]) <= 0.05, (greedy, summary["exact_match"])
+    # vLLM's greedy answers scored by the reward (the job's exact match) against transformers' greedy answers of
+    # the same checkpoint: a vLLM that kept stale weights would disagree.
+    greedy = summary["greedy_reward"]
+    assert summary["exact_match"] == greedy, summary
+    examples = ArithmeticTask(cfg.task).eval_examples()
+    transformers_greedy = sum(on_ray(exact_match_scores, summary["model_dir"], examples)) / len(examples)
+    assert abs(greedy["after"] - transformers_greedy) <= 0.05, (greedy, transformers_greedy)
     load_model(summary["model_dir"])
     assert list(run.glob("checkpoint_*/reward.png")), "no reward curve beside the final checkpoint"
     tags = _tensorboard_tags(run / "tensorboard")

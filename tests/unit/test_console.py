@@ -5,6 +5,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from rayloop.config import root_cause
 from rayloop.console import StepReporter
 
 JOB = textwrap.dedent("""
@@ -88,3 +89,14 @@ def test_the_step_reporter_sends_at_most_twice_a_second_and_always_the_last_step
     assert board.sent[0][0] == 1 and board.sent[-1] == (100, {"loss": 0.01}), board.sent
     assert len(board.sent) < 10, board.sent
     StepReporter(None, total=3).update(3, loss=1.0)  # no board: nothing to send, nothing raised
+
+
+def test_the_error_line_names_the_workers_error_not_ray_trains_wrapper():
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    failed = WorkerGroupError("Training failed due to worker errors:\n", {1: ValueError("rank 1"),
+                                                                          0: KeyError("no column 'answer'")})
+    assert repr(root_cause(failed)) == repr(KeyError("no column 'answer'"))
+    assert repr(root_cause(ControllerError(RuntimeError("placement")))) == repr(RuntimeError("placement"))
+    plain = OSError("disk full")
+    assert root_cause(plain) is plain

@@ -40,6 +40,15 @@ def test_each_registration_names_its_parent_and_keeps_figures_and_config(tmp_pat
     assert registry.get_version(mlflow, "m").version == chain[0].version  # a bare name: the newest
 
 
+def test_a_model_under_another_name_finds_its_parent_version(tmp_path, uri):
+    policy = registry.register(_job_config(tmp_path, "sft-a", "policy"), {"model_dir": str(tmp_path / "sft")},
+                               job="sft", parent="preset:tiny")
+    scorer = registry.register(_job_config(tmp_path, "reward-a", "scorer"), {"model_dir": str(tmp_path / "rm")},
+                               job="reward", parent=str(tmp_path / "sft"))
+    chain = registry.lineage(registry.client(uri), scorer)
+    assert [f"{v.name}@{v.version}" for v in chain] == [scorer, policy] == ["scorer@1", "policy@1"]
+
+
 def test_a_registry_that_is_down_leaves_the_model_and_says_so(tmp_path, capsys):
     cfg = _job_config(tmp_path, "p", "m")
     cfg.registry.uri = "http://127.0.0.1:1"
