@@ -68,7 +68,8 @@ def submit_runtime_env(working_dir: Path) -> dict:
         os.chdir(here)
     # Storage and registry come from the cluster (cluster.yaml sets them where Ray starts), not from this shell:
     # `--env` passes them on purpose.
-    env["env_vars"] = {"RAYLOOP_GIT_COMMIT": commit}
+    # `ray job stop` gives a job 3 s after SIGTERM by default; a job in s3 copies its log there on the way out.
+    env["env_vars"] = {"RAYLOOP_GIT_COMMIT": commit, "RAY_JOB_STOP_WAIT_TIME_S": "30"}
     return env
 
 

@@ -416,7 +416,7 @@ def root_cause(exc: BaseException) -> BaseException:
             exc = failures[min(failures)]
         elif getattr(exc, "controller_failure", None) is not None:
             exc = exc.controller_failure
-        elif getattr(exc, "cause", None) is not None and exc.cause is not exc:  # RayTaskError
+        elif isinstance(getattr(exc, "cause", None), BaseException) and exc.cause is not exc:  # RayTaskError
             exc = exc.cause
         else:
             break

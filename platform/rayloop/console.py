@@ -39,11 +39,6 @@ def quiet_into(log_path: str) -> str:
     os.dup2(log, 2)
     os.close(log)
     _log_path = log_path
-    import signal
-
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        # `ray job stop` sends SIGTERM: exit through the job's `finally`s, which keep the log of a run in s3.
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return log_path
 
 
@@ -154,9 +149,9 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
                 step, figures = ray.get(board.read.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - the bar only
                 continue
-            if not step and shown is None and time.monotonic() - started > 120:
-                # Workers that cannot be placed: Ray says why in the log.
-                progress.set_postfix_str(f"waiting for workers, see {_log_path}" if _log_path else "waiting for workers")
+            if not step and shown is None and time.monotonic() - started > 180:
+                # Workers that cannot be placed, or a slow start: Ray says which in the log.
+                progress.set_postfix_str(f"no step yet, see {_log_path}" if _log_path else "no step yet")
             if step and shown is None:
                 # Rates from the first step on: the workers' start (a minute on 2 cores) is not a step.
                 # A resumed run's first report is the step it continues from.
@@ -182,6 +177,9 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
                 if figures:
                     progress.set_postfix({k: f"{v:.3g}" for k, v in figures.items()}, refresh=False)
                 progress.update(max(0, step - progress.n))
+            except Exception:  # noqa: BLE001
+                pass
+            try:
                 ray.kill(board)
             except Exception:  # noqa: BLE001
                 pass

@@ -148,17 +148,15 @@ def ray_job_id() -> str:
 
 
 def find_version(mlflow_client, model: str, source: str):
-    """The newest version whose source is `source`: of `model`, else of any registered model (a reward model,
-    registered under a name of its own, starts from a policy's version)."""
-    for query in (f"name='{model}'", None):
+    """The version whose source is `source`: of `model` if it has one (the newest), else the newest of any
+    registered model (a reward model, registered under a name of its own, starts from a policy's version)."""
+    found = []
+    for path in {source.rstrip("/"), source.rstrip("/") + "/"}:
         try:
-            versions = mlflow_client.search_model_versions(query)
-        except Exception:  # noqa: BLE001 - no such registered model yet
+            found += mlflow_client.search_model_versions("source_path='{}'".format(path.replace("'", "\\'")))
+        except Exception:  # noqa: BLE001 - a registry that cannot answer: the parent stays a path
             continue
-        matches = [v for v in versions if v.source.rstrip("/") == source.rstrip("/")]
-        if matches:
-            return max(matches, key=lambda v: int(v.version))
-    return None
+    return max(found, key=lambda v: (v.name == model, v.creation_timestamp, int(v.version)), default=None)
 
 
 def _get_or_create(create, get):

@@ -42,7 +42,7 @@ def write_report(run_dir: str, stages: list[tuple[str, str, dict]], summary: dic
 
     out = Path(tempfile.mkdtemp(prefix="rayloop-report-"))
     lines = ["# rayloop pipeline report", ""]
-    # Accuracy per stage: the jobs' own paired held-out figures (transformers, greedy), then the endpoint's.
+    # Accuracy per stage: the jobs' own paired held-out greedy figures (GRPO's from vLLM), then the endpoint's.
     points = []
     sft = next((s for name, _, s in stages if name == "sft"), None)
     if sft and sft.get("exact_match"):

@@ -65,7 +65,7 @@ def test_grpo_with_vllm_rollouts_survives_a_worker_kill(sft_result, posttrain_ru
     sampled = summary["sampled_reward"]  # exact match of 8 vLLM samples per held-out problem, before and after
     assert sampled["n"] == len(ArithmeticTask(cfg.task).eval_examples()) and 0 < sampled["before"] < 1, sampled
     # vLLM's greedy answers scored by the reward (the job's exact match) against transformers' greedy answers of
-    # the same checkpoint: a vLLM that kept stale weights would disagree.
+    # the same checkpoint: two engines, one figure.
     greedy = summary["greedy_reward"]
     assert summary["exact_match"] == greedy, summary
     examples = ArithmeticTask(cfg.task).eval_examples()
