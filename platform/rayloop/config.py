@@ -443,7 +443,6 @@ def _keep_log(cfg: Any, log_file: str) -> None:
     storage = getattr(cfg, "storage", None)
     if not isinstance(storage, StorageSection) or not store.is_uri(storage.path):
         return
-
     try:
         sys.stdout.flush()
         sys.stderr.flush()

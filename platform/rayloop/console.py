@@ -42,11 +42,6 @@ def quiet_into(log_path: str) -> str:
     return log_path
 
 
-def log_path() -> str | None:
-    """The log file this process's output goes to, or None when it goes to the terminal."""
-    return _log_path
-
-
 def terminal(err: bool = False) -> IO[str]:
     return _terminal.get("err" if err else "out") or (sys.stderr if err else sys.stdout)
 
@@ -129,6 +124,10 @@ def reporter(loop_config: dict, rank: int, total: int | None) -> StepReporter:
     return StepReporter(loop_config.get("progress") if rank == 0 else None, total)
 
 
+def _show(progress, figures: dict[str, float]) -> None:
+    progress.set_postfix({k: f"{v:.3g}" for k, v in figures.items()}, refresh=False)
+
+
 @contextmanager
 def stage_bar(description: str, total: int) -> Iterator[Any]:
     """A board for a Ray Train run and the bar that follows it: yields the board's handle, to pass to the train
@@ -159,7 +158,7 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
                 progress.start_t = progress.last_print_t = progress._time()
                 progress.set_postfix_str("", refresh=False)
             if figures:
-                progress.set_postfix({k: f"{v:.3g}" for k, v in figures.items()}, refresh=False)
+                _show(progress, figures)
             if shown is not None and step > shown:
                 progress.update(step - shown)
                 shown = step
@@ -175,7 +174,7 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
             try:  # the final figures, drawn before the bar closes; the bar only, never the run's error
                 step, figures = ray.get(board.read.remote(), timeout=2)
                 if figures:
-                    progress.set_postfix({k: f"{v:.3g}" for k, v in figures.items()}, refresh=False)
+                    _show(progress, figures)
                 progress.update(max(0, step - progress.n))
             except Exception:  # noqa: BLE001
                 pass
