@@ -115,8 +115,10 @@ def train_loop(loop_config: dict) -> None:
     from rayloop.console import reporter
     from rayloop.data import load_documents, pack_blocks
     from rayloop.models import load_model
+    from rayloop.precision import agreed, describe
     from rayloop.tracking import Tracker, log_dir_for, plot_curves, sync_logs
-    from rayloop.train import deepspeed_config, restore_checkpoint, save_checkpoint, shard_blocks, worker_nodes
+    from rayloop.train import (checkpoint_state, deepspeed_config, restore_checkpoint, save_checkpoint, shard_blocks,
+                               worker_nodes)
 
     cfg: PretrainConfig = loop_config["cfg"]
     ctx = ray.train.get_context()
@@ -129,12 +131,20 @@ def train_loop(loop_config: dict) -> None:
     train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
     eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
 
+    progress = reporter(loop_config, rank, cfg.train.steps)
+    resumed = checkpoint_state()
+    if resumed and "precision" in resumed:
+        # The optimizer state on disk has this precision's layout (bf16 mode keeps a master copy fp32 lacks).
+        precision, why = resumed["precision"], "the precision of the run's checkpoints"
+    else:
+        precision, why = agreed(cfg.deepspeed.precision, cfg.scaling.use_gpu)
+    progress.say(f"pretrain: {describe(precision, why, autocast=not cfg.scaling.use_gpu)}")
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg.deepspeed, cfg.optim, micro_batch_size=cfg.micro_batch_size,
                                 grad_accum=cfg.train.grad_accum, world_size=world, total_steps=cfg.train.steps,
-                                use_gpu=cfg.scaling.use_gpu),
+                                use_gpu=cfg.scaling.use_gpu, precision=precision),
     )
     micro, accum = cfg.micro_batch_size, cfg.train.grad_accum
     state = restore_checkpoint(engine) or {"step": 0, "history": {}, "resumed_from_step": 0,
@@ -143,8 +153,9 @@ def train_loop(loop_config: dict) -> None:
     if start_step:
         state["resumed_from_step"] = start_step
     state["worker_nodes"] = worker_nodes()  # this attempt's, reported with each checkpoint
+    state["precision"] = precision
     tracker = Tracker(log_dir, initial_step=start_step, history=state["history"], enabled=rank == 0,
-                      progress=reporter(loop_config, rank, cfg.train.steps))
+                      progress=progress)
 
     tokens, started = 0, time.perf_counter()
     for step in range(start_step + 1, cfg.train.steps + 1):
@@ -159,8 +170,9 @@ def train_loop(loop_config: dict) -> None:
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             # The only host sync of the loss: on a GPU, an .item() every step would stall the pipeline.
             metrics |= {"loss": _mean_over_workers(loss.item()), "lr": engine.get_lr()[0],
-                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                         "tokens_per_s": tokens / (time.perf_counter() - started)}
+            if (grad_norm := engine.get_global_grad_norm()) is not None:  # ZeRO-0 in fp32 does not keep it
+                metrics["grad_norm"] = float(grad_norm)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             eval_loss = evaluate(engine, eval_blocks, micro)
             metrics |= {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))}
@@ -173,7 +185,7 @@ def train_loop(loop_config: dict) -> None:
         state.update(step=step, history=tracker.history)
         first_attempt = state["resumed_from_step"] == 0
         delay = 30.0 if first_attempt and step == cfg.train.fault_delay_checkpoint_step else 0.0
-        summary = {k: state[k] for k in ("eval_loss_before", "resumed_from_step", "worker_nodes")}
+        summary = {k: state[k] for k in ("eval_loss_before", "resumed_from_step", "worker_nodes", "precision")}
         if step == cfg.train.steps and rank == 0:
             plot_curves(tracker.history, ["loss", "eval_loss"], f"{log_dir}/loss.png",
                         title=f"pretrain {cfg.storage.name}")
@@ -233,7 +245,8 @@ def main(cfg: PretrainConfig) -> dict:
     summary = {**result.metrics, "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "hf")}
     resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
     say(f"pretrain: step {summary['step']}{resumed}, eval loss {summary['eval_loss_before']:.3f} -> "
-        f"{summary['eval_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s, model at {summary['model_dir']}")
+        f"{summary['eval_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s in {summary['precision']}, "
+        f"model at {summary['model_dir']}")
     base = cfg.model.name_or_path
     summary["model_version"] = register(cfg, summary, job="pretrain",
                                         parent=f"preset:{base}" if base in PRESETS else base)

@@ -148,7 +148,9 @@ class DeepSpeedSection(Section):
     offload_param: bool = False
     """Keep parameters on the CPU between uses. ZeRO stage 3 only."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """`auto`: bf16 on GPUs that support it, fp32 otherwise."""
+    """`auto`: bf16 where every worker's device computes it natively (a GPU with bf16; a CPU with AVX512-BF16 or
+    AMX, or Arm's BF16), fp32 otherwise; `bf16`/`fp32` force either. On a CPU, bf16 means autocast: fp32
+    weights and optimizer state, bf16 matrix multiplications (rayloop/precision.py). The job says which it chose."""
     overrides: dict[str, Any] = {}
     """DeepSpeed config keys merged over the generated config, passed through unchanged (DeepSpeed's own names)."""
 

@@ -26,14 +26,6 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def use_bf16(ds: DeepSpeedSection, use_gpu: bool) -> bool:
-    if ds.precision != "auto":
-        return ds.precision == "bf16"
-    import torch
-
-    return use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 def zero_section(ds: DeepSpeedSection, use_gpu: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -46,10 +38,14 @@ def zero_section(ds: DeepSpeedSection, use_gpu: bool) -> dict[str, Any]:
     return zero
 
 
-def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool) -> dict[str, Any]:
-    """The same DeepSpeed settings for a transformers/TRL Trainer: sizes, LR and precision left `auto`, so the
-    Trainer fills them from its arguments (it rejects a DeepSpeed config that disagrees with them)."""
+def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str) -> dict[str, Any]:
+    """The same DeepSpeed settings for a transformers/TRL Trainer: sizes, LR and bf16 mode left `auto`, so the
+    Trainer fills them from its arguments (it rejects a DeepSpeed config that disagrees with them); `precision`
+    adds DeepSpeed's autocast on a CPU (rayloop/precision.py)."""
+    from rayloop.precision import deepspeed_precision
+
     config = {
+        **deepspeed_precision(precision, use_gpu),
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
@@ -67,15 +63,18 @@ def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool) -> dict[str, Any
 
 
 def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_size: int, grad_accum: int,
-                     world_size: int, total_steps: int, use_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed's config dict, in DeepSpeed's own keys: ZeRO, offload, precision, AdamW, warm-up + cosine LR."""
+                     world_size: int, total_steps: int, use_gpu: bool, precision: str) -> dict[str, Any]:
+    """DeepSpeed's config dict, in DeepSpeed's own keys: ZeRO, offload, `precision` (`bf16`/`fp32`, as
+    `rayloop.precision.agreed` chose it), AdamW, warm-up + cosine LR."""
+    from rayloop.precision import deepspeed_precision
+
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * world_size,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero_section(ds, use_gpu),
-        "bf16": {"enabled": use_bf16(ds, use_gpu)},
+        **deepspeed_precision(precision, use_gpu),
         "optimizer": {
             "type": "AdamW",
             # FusedAdam needs CUDA; on CPU workers DeepSpeed must use torch's AdamW.
@@ -215,6 +214,17 @@ def save_checkpoint(engine, tokenizer, metrics: dict[str, Any], state: dict[str,
         elif delay_s:
             time.sleep(delay_s)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def checkpoint_state() -> dict[str, Any] | None:
+    """The trainer state of the latest Ray Train checkpoint (read alone, not the whole checkpoint), or None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/trainer_state.json") as f:
+        return json.loads(f.read())
 
 
 def restore_checkpoint(engine) -> dict[str, Any] | None:

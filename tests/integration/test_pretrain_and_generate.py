@@ -29,6 +29,13 @@ def test_zero2_on_two_workers_lowers_eval_loss(pretrained):
     assert pretrained["step"] == 30
 
 
+def test_the_run_trains_in_the_precision_this_machine_supports(pretrained):
+    from rayloop.precision import choose
+
+    # auto: bf16 on a CPU with AVX512-BF16/AMX (RAYLOOP_CPU_BF16 overrides), fp32 on one without.
+    assert pretrained["precision"] == choose("auto", use_gpu=False)[0]
+
+
 def test_saved_folder_loads_and_generates_in_transformers(pretrained):
     model, tokenizer = load_model(pretrained["model_dir"])
     ids = tokenizer("12+34=", return_tensors="pt")["input_ids"]

@@ -99,8 +99,8 @@ def test_schedule_reaches_the_trl_arguments(model_dir, tmp_path):
     from rayloop.posttrain import training_arguments
 
     constant = grpo(model_dir, "--optim.schedule=constant")
-    assert training_arguments(constant, str(tmp_path), bf16=False)["lr_scheduler_type"] == "constant_with_warmup"
-    assert training_arguments(grpo(model_dir), str(tmp_path), bf16=False)["lr_scheduler_type"] == "cosine"
+    assert training_arguments(constant, str(tmp_path), precision="fp32")["lr_scheduler_type"] == "constant_with_warmup"
+    assert training_arguments(grpo(model_dir), str(tmp_path), precision="fp32")["lr_scheduler_type"] == "cosine"
     with pytest.raises(ConfigError, match="optim.schedule"):
         grpo(model_dir, "--optim.schedule=linear")
 

@@ -6,7 +6,8 @@ from rayloop.train import deepspeed_config, shard_blocks
 
 
 def _config(ds=DeepSpeedSection(), **kw):
-    args = dict(micro_batch_size=4, grad_accum=2, world_size=2, total_steps=100, use_gpu=False) | kw
+    args = dict(micro_batch_size=4, grad_accum=2, world_size=2, total_steps=100, use_gpu=False,
+                precision="fp32") | kw
     return deepspeed_config(ds, OptimSection(lr=1e-3, warmup_steps=5), **args)
 
 
@@ -16,14 +17,15 @@ def test_deepspeed_keys_from_sections():
     assert cfg["zero_optimization"] == {"stage": 2}
     assert cfg["optimizer"]["params"]["torch_adam"] is True  # CPU: no FusedAdam
     assert cfg["scheduler"]["params"]["warmup_num_steps"] == 5
-    assert cfg["bf16"]["enabled"] is False  # auto on CPU: fp32
+    assert cfg["bf16"]["enabled"] is False and "torch_autocast" not in cfg
 
 
 def test_constant_schedule_holds_the_peak_after_warm_up():
     import deepspeed.runtime.lr_schedules as schedules
 
     cfg = deepspeed_config(DeepSpeedSection(), OptimSection(lr=1e-3, warmup_steps=0, schedule="constant"),
-                           micro_batch_size=4, grad_accum=1, world_size=1, total_steps=100, use_gpu=False)
+                           micro_batch_size=4, grad_accum=1, world_size=1, total_steps=100, use_gpu=False,
+                           precision="fp32")
     assert cfg["scheduler"]["type"] == "WarmupLR"
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     scheduler = getattr(schedules, cfg["scheduler"]["type"])(optimizer, **cfg["scheduler"]["params"])
@@ -34,13 +36,19 @@ def test_constant_schedule_holds_the_peak_after_warm_up():
 
 
 def test_zero3_offload_and_passthrough_overrides():
-    ds = DeepSpeedSection(zero_stage=3, offload_optimizer=True, offload_param=True, precision="bf16",
+    ds = DeepSpeedSection(zero_stage=3, offload_optimizer=True, offload_param=True,
                           overrides={"zero_optimization": {"stage3_max_live_parameters": 1000}, "prescale_gradients": True})
     zero = _config(ds)["zero_optimization"]
     assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero["stage3_max_live_parameters"] == 1000 and zero["stage"] == 3
-    assert _config(ds)["prescale_gradients"] is True and _config(ds)["bf16"]["enabled"] is True
+    assert _config(ds)["prescale_gradients"] is True
+
+
+def test_bf16_is_deepspeeds_bf16_mode_on_gpus_and_autocast_on_cpus():
+    gpu, cpu = _config(use_gpu=True, precision="bf16"), _config(precision="bf16")
+    assert gpu["bf16"] == {"enabled": True} and "torch_autocast" not in gpu
+    assert cpu["bf16"] == {"enabled": False} and cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
 
 
 def test_shards_are_disjoint_equal_and_cover():

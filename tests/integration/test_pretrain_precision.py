@@ -1,0 +1,75 @@
+"""The two precisions of rayloop's DeepSpeed engine on a CPU, for real: the same tiny model, seed and batches in
+fp32 and in bf16 (autocast), in a process of their own (DeepSpeed keeps global state)."""
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TRAIN = textwrap.dedent("""
+    import json, os, sys
+    sys.path[:0] = [{root!r}, {root!r} + "/platform"]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed, torch
+    from jobs.pretrain import batch_at
+    from rayloop.config import DeepSpeedSection, OptimSection
+    from rayloop.data import pack_blocks
+    from rayloop.models import create_model_folder, load_model
+    from rayloop.tasks import ArithmeticTask
+    from rayloop.train import deepspeed_config
+
+    torch.distributed.init_process_group("gloo")
+    task = ArithmeticTask()
+    folder = create_model_folder("tiny", task.pretrain_corpus(), sys.argv[3], seed=0)
+    torch.manual_seed(0)
+    model, tokenizer = load_model(str(folder))
+    blocks = pack_blocks(task.pretrain_corpus(), tokenizer, 64)
+    matmul_dtypes = set()
+    model.lm_head.register_forward_hook(lambda m, i, out: matmul_dtypes.add(str(out.dtype)))
+    config = deepspeed_config(DeepSpeedSection(zero_stage=2), OptimSection(lr=5e-3, warmup_steps=5),
+                              micro_batch_size=16, grad_accum=1, world_size=1, total_steps=40, use_gpu=False,
+                              precision=sys.argv[1])
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    losses = []
+    for i in range(40):
+        batch = batch_at(blocks, i, 16, 0)
+        loss = engine(input_ids=batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    print(json.dumps({{"losses": losses, "matmul_dtypes": sorted(matmul_dtypes),
+                      "zero_stage": engine.zero_optimization_stage(),
+                      "loss_dtype": str(loss.dtype),
+                      "param_dtypes": sorted({{str(p.dtype) for p in engine.module.parameters()}})}}))
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train(precision: str, tmp_path) -> dict:
+    port = free_port()
+    done = subprocess.run([sys.executable, "-c", TRAIN.format(root=str(ROOT)), precision, str(port),
+                           str(tmp_path / f"model-{precision}")], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bf16_on_a_cpu_multiplies_in_bf16_keeps_fp32_weights_and_learns_as_fp32_does(tmp_path):
+    fp32, bf16 = train("fp32", tmp_path), train("bf16", tmp_path)
+    assert fp32["zero_stage"] == bf16["zero_stage"] == 2  # the jobs' default: bf16 gradients in ZeRO's buckets
+    assert fp32["matmul_dtypes"] == ["torch.float32"] and bf16["matmul_dtypes"] == ["torch.bfloat16"]
+    # Autocast, not bf16 weights: master weights, gradients and optimizer state stay fp32; the loss too.
+    assert bf16["param_dtypes"] == ["torch.float32"] and bf16["loss_dtype"] == "torch.float32"
+    first, last = bf16["losses"][0], sum(bf16["losses"][-5:]) / 5
+    assert last < 0.7 * first, bf16["losses"]
+    fp32_last = sum(fp32["losses"][-5:]) / 5
+    assert abs(last - fp32_last) < 0.05 * fp32_last, (fp32["losses"][-5:], bf16["losses"][-5:])

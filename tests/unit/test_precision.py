@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from rayloop import precision
+
+
+@pytest.fixture
+def x86(monkeypatch):
+    """An x86 CPU whose native bf16 instructions the test sets."""
+    monkeypatch.delenv("RAYLOOP_CPU_BF16", raising=False)
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+
+    def cpu(avx512_bf16=False, amx=False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    return cpu
+
+
+def test_auto_picks_bf16_only_where_the_cpu_has_native_bf16(x86):
+    x86(avx512_bf16=True)
+    assert precision.choose("auto", use_gpu=False) == ("bf16", "auto: CPU with AVX512-BF16")
+    x86(amx=True)
+    assert precision.choose("auto", use_gpu=False)[0] == "bf16"
+    # AVX-512 alone: oneDNN would run bf16 (its own check says yes), emulated and slower than fp32.
+    x86()
+    assert precision.choose("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX")
+
+
+def test_arm_reads_the_bf16_feature(monkeypatch):
+    monkeypatch.delenv("RAYLOOP_CPU_BF16", raising=False)
+    monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fp", "asimd", "bf16"})
+    assert precision.choose("auto", use_gpu=False)[0] == "bf16"
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fp", "asimd"})
+    assert precision.choose("auto", use_gpu=False)[0] == "fp32"
+
+
+def test_the_switch_forces_either(x86):
+    x86()
+    assert precision.choose("bf16", use_gpu=False) == ("bf16", "deepspeed.precision=bf16")
+    x86(avx512_bf16=True)
+    assert precision.choose("fp32", use_gpu=False) == ("fp32", "deepspeed.precision=fp32")
+
+
+def test_workers_agree_on_fp32_when_one_lacks_bf16(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    gathered = [("bf16", "auto: CPU with AMX"), ("fp32", "auto: CPU without AVX512-BF16 or AMX"),
+                ("bf16", "auto: CPU with AMX")]
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), gathered))
+    monkeypatch.setattr(precision, "choose", lambda setting, use_gpu: gathered[0])
+    assert precision.agreed("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX (worker 1)")
+    gathered[1] = ("bf16", "auto: CPU with AVX512-BF16")
+    assert precision.agreed("auto", use_gpu=False) == ("bf16", "auto: every worker's device computes bf16")
+
+
+def test_the_message_names_the_choice_and_the_switch():
+    line = precision.describe("fp32", "auto: CPU without AVX512-BF16 or AMX", autocast=True)
+    assert line == ("training in fp32, auto: CPU without AVX512-BF16 or AMX "
+                    "(deepspeed.precision=bf16 forces bf16)")
+    assert "autocast" in precision.describe("bf16", "auto: CPU with AMX", autocast=True)
+
+
+def test_the_environment_can_tell_what_the_cpu_does(x86, monkeypatch):
+    x86()
+    monkeypatch.setenv("RAYLOOP_CPU_BF16", "1")
+    assert precision.choose("auto", use_gpu=False) == ("bf16", "auto: CPU with native bf16 (RAYLOOP_CPU_BF16=1)")
+    x86(amx=True)
+    monkeypatch.setenv("RAYLOOP_CPU_BF16", "0")
+    assert precision.choose("auto", use_gpu=False)[0] == "fp32"
