@@ -7,7 +7,7 @@ file, and keeps the terminal for `say` lines and the stage bars. Uncaught errors
 line (see `run_cli`), with the log file's path.
 
 Training runs in Ray Train workers, often on other nodes, so a stage's bar is drawn here from what rank 0 sends to
-a small actor (`ProgressBoard`) with each step; Ray's own `tqdm_ray` draws its bar through the forwarded log
+a small actor (`ProgressBoard`) with each step, with any line it has for the user; Ray's own `tqdm_ray` draws its bar through the forwarded log
 stream, which is exactly what goes to the file.
 """
 
@@ -89,14 +89,17 @@ class ProgressBoard:
     """The latest step of a run and the figures shown beside it (a Ray actor, created by `stage_bar`)."""
 
     def __init__(self):
-        self.step, self.figures = 0, {}
+        self.step, self.figures, self.lines = 0, {}, []
 
     def update(self, step: int, figures: dict[str, float]) -> None:
         self.step = max(self.step, step)
         self.figures.update(figures)
 
-    def read(self) -> tuple[int, dict[str, float]]:
-        return self.step, self.figures
+    def post(self, line: str) -> None:
+        self.lines.append(line)
+
+    def read(self, lines_seen: int = 0) -> tuple[int, dict[str, float], list[str]]:
+        return self.step, self.figures, self.lines[lines_seen:]
 
 
 class StepReporter:
@@ -117,6 +120,15 @@ class StepReporter:
         try:
             self.board.update.remote(step, dict(self.figures))
         except Exception:  # noqa: BLE001 - the bar is for people; a board gone with its driver stops nothing
+            self.board = None
+
+    def say(self, line: str) -> None:
+        """A line for the job's user, shown by the driver (above the bar) and in its log."""
+        if self.board is None:
+            return
+        try:
+            self.board.post.remote(line)
+        except Exception:  # noqa: BLE001
             self.board = None
 
 
@@ -140,12 +152,22 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
     board = ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
     done = threading.Event()
 
+    lines_said = 0
+
+    def read() -> tuple[int, dict[str, float]]:
+        nonlocal lines_said
+        step, figures, lines = ray.get(board.read.remote(lines_said), timeout=5)
+        for line in lines:
+            say(line)
+        lines_said += len(lines)
+        return step, figures
+
     def follow(progress) -> None:
         shown, started = None, time.monotonic()
         progress.set_postfix_str("starting workers")
         while not done.wait(1.0):
             try:
-                step, figures = ray.get(board.read.remote(), timeout=5)
+                step, figures = read()
             except Exception:  # noqa: BLE001 - the bar only
                 continue
             if not step and shown is None and time.monotonic() - started > 180:
@@ -172,7 +194,7 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
             done.set()
             thread.join(timeout=7)
             try:  # the final figures, drawn before the bar closes; the bar only, never the run's error
-                step, figures = ray.get(board.read.remote(), timeout=2)
+                step, figures = read()
                 if figures:
                     _show(progress, figures)
                 progress.update(max(0, step - progress.n))

@@ -125,6 +125,8 @@ def test_pretrain_zero2_and_zero3_run_on_two_nodes_with_s3_as_the_only_storage(c
                                  "--scaling.placement_strategy=SPREAD", f"--storage.path={s3.uri('runs')}",
                                  f"--storage.name={run}", *TINY).stdout
         assert "SUCCEEDED" in output and "pretrain: registered rayloop@" in output, output[-3000:]
+        # The precision the workers (on other nodes) agreed on, said by the driver.
+        assert "pretrain: training in " in output, output[-3000:]
         result = results(s3, run)
         assert sorted(names[node] for node in result["worker_nodes"]) == ["worker1", "worker2"], result
         assert result["step"] == 20 and result["eval_loss"] < result["eval_loss_before"], result
@@ -227,6 +229,7 @@ def test_dpo_and_reward_jobs_submitted_side_by_side_register_their_models(cluste
         output = cluster.rayloop(ROOT, "logs", "-f", job_id, timeout_s=900).stdout
         model = {"dpo": "rayloop", "reward": "rayloop-reward"}[job]  # a reward model is no policy: a name of its own
         assert f"job {job_id}: SUCCEEDED" in output and f"{job}: registered {model}@" in output, output[-3000:]
+        assert f"{job}: training in " in output, output[-3000:]
         ref = output.split(f"{job}: registered ", 1)[1].split()[0]
         chain = json.loads(cluster.rayloop(ROOT, "models", "show", ref, "--json").stdout)
         print(f"{job}: " + " <- ".join(f"{v['name']}@{v['version']} ({v['tags']['job']})" for v in chain))

@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 from rayloop.config import root_cause
-from rayloop.console import StepReporter
+from rayloop.console import ProgressBoard, StepReporter
 
 JOB = textwrap.dedent("""
     import logging, os, subprocess, sys
@@ -100,3 +100,14 @@ def test_the_error_line_names_the_workers_error_not_ray_trains_wrapper():
     assert repr(root_cause(ControllerError(RuntimeError("placement")))) == repr(RuntimeError("placement"))
     plain = OSError("disk full")
     assert root_cause(plain) is plain
+
+
+def test_a_ranks_line_for_the_user_reaches_the_board_once():
+    board = ProgressBoard()
+
+    class Remote:  # the actor handle's `.post.remote(line)`, called in this process
+        post = type("Post", (), {"remote": staticmethod(board.post)})
+
+    StepReporter(Remote(), total=10).say("pretrain: training in fp32")
+    StepReporter(None, total=10).say("a rank other than 0: nothing sent")
+    assert board.read(0)[2] == ["pretrain: training in fp32"] and board.read(1)[2] == []
