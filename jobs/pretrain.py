@@ -115,7 +115,7 @@ def train_loop(loop_config: dict) -> None:
     from rayloop.console import reporter
     from rayloop.data import load_documents, pack_blocks
     from rayloop.models import load_model
-    from rayloop.precision import agreed, describe
+    from rayloop.precision import BF16, agreed, describe, logits_in_fp32
     from rayloop.tracking import Tracker, log_dir_for, plot_curves, sync_logs
     from rayloop.train import (checkpoint_state, deepspeed_config, restore_checkpoint, save_checkpoint, shard_blocks,
                                worker_nodes)
@@ -139,6 +139,8 @@ def train_loop(loop_config: dict) -> None:
     else:
         precision, why = agreed(cfg.deepspeed.precision, cfg.scaling.use_gpu)
     progress.say(f"pretrain: {describe(precision, why, autocast=not cfg.scaling.use_gpu)}")
+    if precision == BF16 and not cfg.scaling.use_gpu:
+        logits_in_fp32(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -19,6 +19,7 @@ TRAIN = textwrap.dedent("""
     from rayloop.config import DeepSpeedSection, OptimSection
     from rayloop.data import pack_blocks
     from rayloop.models import create_model_folder, load_model
+    from rayloop.precision import logits_in_fp32
     from rayloop.tasks import ArithmeticTask
     from rayloop.train import deepspeed_config
 
@@ -28,20 +29,24 @@ TRAIN = textwrap.dedent("""
     torch.manual_seed(0)
     model, tokenizer = load_model(str(folder))
     blocks = pack_blocks(task.pretrain_corpus(), tokenizer, 64)
-    matmul_dtypes = set()
-    model.lm_head.register_forward_hook(lambda m, i, out: matmul_dtypes.add(str(out.dtype)))
+    matmul_dtypes, logits_dtypes = set(), set()
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: matmul_dtypes.add(str(out.dtype)))
+    model.lm_head.register_forward_hook(lambda m, i, out: logits_dtypes.add(str(out.dtype)))
+    if sys.argv[1] == "bf16":
+        logits_in_fp32(model)  # as the jobs do under CPU autocast
     config = deepspeed_config(DeepSpeedSection(zero_stage=2), OptimSection(lr=5e-3, warmup_steps=5),
-                              micro_batch_size=16, grad_accum=1, world_size=1, total_steps=40, use_gpu=False,
+                              micro_batch_size=16, grad_accum=1, world_size=1, total_steps=30, use_gpu=False,
                               precision=sys.argv[1])
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     losses = []
-    for i in range(40):
+    for i in range(30):
         batch = batch_at(blocks, i, 16, 0)
         loss = engine(input_ids=batch, labels=batch).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
     print(json.dumps({{"losses": losses, "matmul_dtypes": sorted(matmul_dtypes),
+                      "logits_dtypes": sorted(logits_dtypes),
                       "zero_stage": engine.zero_optimization_stage(),
                       "loss_dtype": str(loss.dtype),
                       "param_dtypes": sorted({{str(p.dtype) for p in engine.module.parameters()}})}}))
@@ -67,6 +72,7 @@ def test_bf16_on_a_cpu_multiplies_in_bf16_keeps_fp32_weights_and_learns_as_fp32_
     fp32, bf16 = train("fp32", tmp_path), train("bf16", tmp_path)
     assert fp32["zero_stage"] == bf16["zero_stage"] == 2  # the jobs' default: bf16 gradients in ZeRO's buckets
     assert fp32["matmul_dtypes"] == ["torch.float32"] and bf16["matmul_dtypes"] == ["torch.bfloat16"]
+    assert bf16["logits_dtypes"] == ["torch.float32"]  # the output layer runs outside autocast
     # Autocast, not bf16 weights: master weights, gradients and optimizer state stay fp32; the loss too.
     assert bf16["param_dtypes"] == ["torch.float32"] and bf16["loss_dtype"] == "torch.float32"
     first, last = bf16["losses"][0], sum(bf16["losses"][-5:]) / 5
