@@ -177,7 +177,8 @@ def stage_bar(description: str, total: int) -> Iterator[Any]:
                 # Rates from the first step on: the workers' start (a minute on 2 cores) is not a step.
                 # A resumed run's first report is the step it continues from.
                 progress.n = progress.last_print_n = shown = step
-                progress.start_t = progress.last_print_t = progress._time()
+                if not progress.disable:  # a disabled bar (--verbose) keeps no clock
+                    progress.start_t = progress.last_print_t = progress._time()
                 progress.set_postfix_str("", refresh=False)
             if figures:
                 _show(progress, figures)
