@@ -1,13 +1,21 @@
-"""Benchmark: the DeepSpeed training step under Ray Train vs under torchrun, and ZeRO-0 vs ZeRO-3 memory.
+"""Benchmark: rayloop's pretraining step against what the machine does with the same model, and ZeRO's memory.
 
-    .venv/bin/python bench/pretrain.py                      # CPU: `small` preset (~28M), 2 workers
-    .venv/bin/python bench/pretrain.py --preset 125m --gpu  # a GPU machine: bf16, reports MFU too
+    .venv/bin/python bench/pretrain.py                      # CPU: `small` preset (25.5M), fp32 and bf16
+    .venv/bin/python bench/pretrain.py --preset 125m --gpu  # a GPU machine (one GPU per worker)
 
-(a) tokens/s of the same loop (jobs.pretrain's batch order, DeepSpeed engine from rayloop.train.deepspeed_config,
-    ZeRO-2) started by Ray Train's TorchTrainer and by torchrun with the same worker count; runs interleaved
-    (torchrun, Ray, torchrun, Ray) so drift on a shared machine hits both. Ratio = Ray / torchrun (goal >= 0.97).
-(b) bytes per worker of parameters + optimizer state (unique tensor storages, after one step) under ZeRO-0 and
-    ZeRO-3 (goal: ZeRO-3 <= 1/N + 10% of ZeRO-0).
+Same model, batch order and tokens per optimizer step (global batch x seq_len) everywhere; forward, backward,
+gradient clipping and an AdamW step; tokens/s over the steps after `--warmup`.
+(a) The machine's practical limit, one process using every core (or one GPU): a plain PyTorch loop, in fp32 and
+    under `torch.autocast(bfloat16)`; and a GEMM peak (2048x2048 matmul, fp32 and bf16) measured on the spot,
+    against which every figure's MFU (6 x parameters x tokens/s, attention ignored) is given.
+(b) rayloop's loop (jobs.pretrain's batch order, DeepSpeed ZeRO-2 engine from rayloop.train.deepspeed_config) under
+    Ray Train and under torchrun, same worker count, runs interleaved (torchrun, Ray, ...) so drift on a shared
+    machine hits both: in fp32 and in bf16 as rayloop applies it (autocast on CPUs, DeepSpeed's bf16 mode on GPUs),
+    plus DeepSpeed's other bf16 form under torchrun (bf16 weights on a CPU, autocast on a GPU).
+    Goals: Ray Train / torchrun >= 0.97; rayloop bf16 / plain bf16 >= 0.8 where the machine computes bf16 natively.
+(c) Worker layout: one Ray Train worker holding every CPU (torch threads = CPUs; ZeRO-0, as one worker has nothing
+    to shard) against one worker per CPU.
+(d) Bytes per worker of parameters + optimizer state after one step, ZeRO-0 vs ZeRO-3 (goal: <= 1/N + 10%).
 Figures go to bench/results/pretrain.json and are printed.
 """
 
@@ -26,54 +34,123 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
 
 
+def _timed(args: dict, step, sync) -> float:
+    """tokens/s of `step(i)` over the timed steps, after the warm-up ones."""
+    for i in range(args["warmup"]):
+        step(i)
+    sync()
+    started = time.perf_counter()
+    for i in range(args["warmup"], args["warmup"] + args["steps"]):
+        step(i)
+    sync()
+    return args["steps"] * args["global_batch"] * args["seq_len"] / (time.perf_counter() - started)
+
+
+def _blocks(args: dict, tokenizer):
+    from rayloop.data import pack_blocks
+    from rayloop.tasks import ArithmeticTask
+
+    return pack_blocks(ArithmeticTask().pretrain_corpus(), tokenizer, args["seq_len"])
+
+
+def _plain_loop(args: dict) -> dict:
+    """One process, plain PyTorch: the model, torch's AdamW, autocast for bf16; every core (or one GPU)."""
+    import torch
+
+    from jobs.pretrain import batch_at
+    from rayloop.models import load_model
+
+    torch.manual_seed(0)
+    device = "cuda" if args["gpu"] else "cpu"
+    model, tokenizer = load_model(args["model_dir"])
+    model.to(device).train()
+    blocks = _blocks(args, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def step(i):
+        batch = batch_at(blocks, i, args["global_batch"], 0).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args["precision"] == "bf16"):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    tokens_per_s = _timed(args, step, torch.cuda.synchronize if args["gpu"] else lambda: None)
+    return {"tokens_per_s": tokens_per_s, "torch_threads": torch.get_num_threads()}
+
+
+def _gemm_peak(args: dict) -> dict:
+    """FLOP/s of a 2048x2048 matmul in fp32 and in bf16, best of 5 timed rounds, on what the plain loop uses."""
+    import torch
+
+    device, n = ("cuda" if args["gpu"] else "cpu"), 2048
+    sync = torch.cuda.synchronize if args["gpu"] else (lambda: None)
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        reps, best = (50 if args["gpu"] else 3), 0.0
+        torch.mm(a, b)
+        for _ in range(5):
+            sync()
+            started = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            sync()
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - started))
+        peaks[name] = best
+    return {"flops": peaks, "torch_threads": torch.get_num_threads()}
+
+
 def _step_loop(args: dict, rank: int, world: int, report=None) -> dict:
-    """Warm-up, then timed optimizer steps. Identical under both launchers; `report` is Ray Train's, called every
-    10 steps as jobs.pretrain does, so its cost is inside the Ray figure."""
+    """rayloop's step, identical under both launchers; `report` is Ray Train's, called every 10 steps as
+    jobs.pretrain does, so its cost is inside the Ray figure."""
     import deepspeed
     import torch
 
     from jobs.pretrain import batch_at
     from rayloop.config import DeepSpeedSection, OptimSection
-    from rayloop.data import pack_blocks
     from rayloop.models import load_model
-    from rayloop.tasks import ArithmeticTask
     from rayloop.train import deepspeed_config, shard_blocks
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args["model_dir"])
-    blocks = shard_blocks(pack_blocks(ArithmeticTask().pretrain_corpus(), tokenizer, args["seq_len"]), rank, world)
+    blocks = shard_blocks(_blocks(args, tokenizer), rank, world)
     micro = args["global_batch"] // world
-    ds = DeepSpeedSection(zero_stage=args["zero"], precision="bf16" if args["gpu"] else "fp32")
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(),
-        config=deepspeed_config(ds, OptimSection(lr=1e-3), micro_batch_size=micro, grad_accum=1, world_size=world,
-                                total_steps=args["warmup"] + args["steps"], use_gpu=args["gpu"]))
+    config = deepspeed_config(DeepSpeedSection(zero_stage=args["zero"]), OptimSection(lr=1e-3),
+                              micro_batch_size=micro, grad_accum=1, world_size=world,
+                              total_steps=args["warmup"] + args["steps"], use_gpu=args["gpu"],
+                              precision=args["precision"])
+    if args.get("other_bf16_form"):  # the form of bf16 rayloop does not pick on this device
+        autocast = "torch_autocast" in config
+        config["bf16"], config["torch_autocast"] = {"enabled": autocast}, {"enabled": not autocast,
+                                                                            "dtype": "bfloat16"}
+    if config.get("torch_autocast", {}).get("enabled"):
+        from rayloop.precision import logits_in_fp32
+
+        logits_in_fp32(model)  # as jobs.pretrain does under autocast
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    losses = []
 
     def step(i):
         batch = batch_at(blocks, i, micro, 0).to(engine.device)
         loss = engine(input_ids=batch, labels=batch).loss
         engine.backward(loss)
         engine.step()
-        return loss
-
-    for i in range(args["warmup"]):
-        step(i)
-    if args["gpu"]:
-        torch.cuda.synchronize()
-    torch.distributed.barrier()
-    started = time.perf_counter()
-    for i in range(args["warmup"], args["warmup"] + args["steps"]):
-        loss = step(i)
         if report is not None and (i + 1) % 10 == 0:
-            report({"loss": loss.item()})
-    if args["gpu"]:
-        torch.cuda.synchronize()
-    torch.distributed.barrier()
-    elapsed = time.perf_counter() - started
-    tokens = args["steps"] * args["global_batch"] * args["seq_len"]
-    return {"tokens_per_s": tokens / elapsed, "memory_bytes": _state_bytes(engine), "n_params": n_params,
-            "torch_threads": torch.get_num_threads()}
+            losses.append(loss.item())
+            report({"loss": losses[-1]})
+
+    def sync():
+        if args["gpu"]:
+            torch.cuda.synchronize()
+        torch.distributed.barrier()
+
+    tokens_per_s = _timed(args, step, sync)
+    return {"tokens_per_s": tokens_per_s, "memory_bytes": _state_bytes(engine), "n_params": n_params,
+            "torch_threads": torch.get_num_threads(),
+            "param_dtype": str(next(engine.module.parameters()).dtype).replace("torch.", "")}
 
 
 def _state_bytes(engine) -> int:
@@ -112,15 +189,17 @@ def _ray_worker(args: dict) -> None:
                          else None)
 
 
-def run_ray(args: dict, workers: int) -> dict:
+def run_ray(args: dict, workers: int, cpus_per_worker: int = 1) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rayloop.cluster import init_ray
 
     init_ray()
+    # Ray gives each worker OMP_NUM_THREADS = its CPUs, so torch runs that many threads.
     trainer = TorchTrainer(_ray_worker, train_loop_config=args,
-                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=args["gpu"]),
+                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=args["gpu"],
+                                                        resources_per_worker={"CPU": cpus_per_worker}),
                            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-")))
     return trainer.fit().metrics
 
@@ -130,6 +209,15 @@ def run_torchrun(args: dict, workers: int) -> dict:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
                         __file__, "--torchrun-worker", json.dumps(args), out.name], check=True, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        return json.loads(Path(out.name).read_text())
+
+
+def run_alone(kind: str, args: dict) -> dict:
+    """The plain loop or the GEMM peak in a fresh process of its own, with torch's default threads (every core)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, "--alone", kind, json.dumps(args), out.name], check=True,
+                       cwd=ROOT, env=env)
         return json.loads(Path(out.name).read_text())
 
 
@@ -155,58 +243,109 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved torchrun/Ray Train rounds")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pretrain.json"))
     opts = parser.parse_args()
 
     from rayloop.models import create_model_folder
+    from rayloop.precision import device_bf16
     from rayloop.tasks import ArithmeticTask
 
     model_dir = tempfile.mkdtemp(prefix="bench-model-")
     create_model_folder(opts.preset, ArithmeticTask().pretrain_corpus(), model_dir)
     args = {"model_dir": model_dir, "seq_len": opts.seq_len, "global_batch": opts.global_batch, "zero": 2,
             "warmup": opts.warmup, "steps": opts.steps, "gpu": opts.gpu}
+    precisions = ("fp32", "bf16")
+    native, device = device_bf16(opts.gpu)
 
-    # Ray Train pins each worker's torch threads to its CPU share (OMP_NUM_THREADS=1 per CPU); torchrun gets the same.
-    runs, threads = {"torchrun": [], "ray_train": []}, {}
-    for _ in range(2):
-        for name, run in (("torchrun", run_torchrun), ("ray_train", run_ray)):
-            result = run(args, opts.workers)
-            runs[name].append(result["tokens_per_s"])
-            threads[name] = result["torch_threads"]
-    mean = {k: sum(v) / len(v) for k, v in runs.items()}
+    gemm = run_alone("gemm", args)
+    plain = {p: run_alone("plain", {**args, "precision": p}) for p in precisions}
+    runs: dict = {p: {"torchrun": [], "ray_train": []} for p in precisions}
+    threads = {}
+    for _ in range(opts.repeats):
+        for p in precisions:
+            for name, run in (("torchrun", run_torchrun), ("ray_train", run_ray)):
+                result = run({**args, "precision": p}, opts.workers)
+                runs[p][name].append(result["tokens_per_s"])
+                threads[name] = result["torch_threads"]
+    other_form = run_torchrun({**args, "precision": "bf16", "other_bf16_form": True}, opts.workers)
+    # One worker has nothing to shard: ZeRO-0, as one would configure it (ZeRO-2 adds DeepSpeed's flat buffers).
+    layout = {} if opts.gpu else {
+        p: run_ray({**args, "precision": p, "zero": 0}, 1, cpus_per_worker=os.cpu_count()) for p in precisions}
+    memory = {z: run_torchrun({**args, "precision": "fp32", "zero": z, "steps": 1, "warmup": 1}, opts.workers)
+              for z in (0, 3)}
+    n_params = memory[0]["n_params"]
 
-    memory = {z: run_torchrun({**args, "zero": z, "steps": 1, "warmup": 1}, opts.workers) for z in (0, 3)}
+    # A CPU run's workers share the cores the plain loop and the GEMM peak used (a fair comparison where
+    # workers x 1 CPU = the machine's CPUs, as by default on 2 cores); on GPUs each worker has its own.
+    devices = opts.workers if opts.gpu else 1
+
+    def mfu(tokens_per_s: float, precision: str, n_devices: int = devices) -> float:
+        return 6 * n_params * tokens_per_s / (gemm["flops"][precision] * n_devices)
+
+    mean = {p: {k: sum(v) / len(v) for k, v in runs[p].items()} for p in precisions}
+    per_device = {p: mean[p]["ray_train"] / devices for p in precisions}
     ratio_mem = memory[3]["memory_bytes"] / memory[0]["memory_bytes"]
     results = {
-        "machine": f"{os.cpu_count()} CPUs" + (", GPU" if opts.gpu else ", no GPU"),
-        "preset": opts.preset, "parameters": memory[0]["n_params"], "workers": opts.workers,
-        "seq_len": opts.seq_len, "global_batch": opts.global_batch, "timed_steps": opts.steps, "zero_stage": 2,
-        "tokens_per_s": {"torchrun": runs["torchrun"], "ray_train": runs["ray_train"]},
-        "torch_threads_per_worker": threads,
-        "throughput_ratio_ray_over_torchrun": mean["ray_train"] / mean["torchrun"],
+        "machine": f"{os.cpu_count()} CPUs" + (", GPU" if opts.gpu else ", no GPU") + f"; {device}",
+        "native_bf16": native,
+        "preset": opts.preset, "parameters": n_params, "workers": opts.workers, "seq_len": opts.seq_len,
+        "global_batch": opts.global_batch, "timed_steps": opts.steps, "zero_stage": 2,
+        "gemm_peak_flops": gemm["flops"], "gemm_torch_threads": gemm["torch_threads"],
+        "plain_loop_tokens_per_s": {p: plain[p]["tokens_per_s"] for p in precisions},
+        "plain_loop_torch_threads": plain["fp32"]["torch_threads"],
+        "rayloop_tokens_per_s": runs,
+        "rayloop_torch_threads_per_worker": threads,
+        "ratio_ray_over_torchrun": {p: mean[p]["ray_train"] / mean[p]["torchrun"] for p in precisions},
+        "ratio_rayloop_over_plain": {p: per_device[p] / plain[p]["tokens_per_s"] for p in precisions},
+        "bf16_speedup": {"plain": plain["bf16"]["tokens_per_s"] / plain["fp32"]["tokens_per_s"],
+                         "rayloop": mean["bf16"]["ray_train"] / mean["fp32"]["ray_train"]},
+        "other_bf16_form_torchrun": {"form": "autocast" if opts.gpu else "bf16 weights",
+                                     "tokens_per_s": other_form["tokens_per_s"],
+                                     "param_dtype": other_form["param_dtype"]},
+        "layout_one_worker_all_cpus_tokens_per_s": {p: layout[p]["tokens_per_s"] for p in layout},
+        "mfu": {"plain": {p: mfu(plain[p]["tokens_per_s"], p, 1) for p in precisions},
+                "ray_train": {p: mfu(mean[p]["ray_train"], p) for p in precisions}},
         "memory_per_worker_bytes": {"zero0": memory[0]["memory_bytes"], "zero3": memory[3]["memory_bytes"]},
         "memory_ratio_zero3_over_zero0": ratio_mem,
         "memory_goal": 1 / opts.workers + 0.10,
     }
-    if opts.gpu:
-        import torch
-
-        peak = 989e12 if "H100" in torch.cuda.get_device_name() else 790e12
-        # 6 N FLOPs per token for a forward + backward pass of an N-parameter decoder (attention term ignored).
-        results["mfu_ray_train"] = 6 * results["parameters"] * mean["ray_train"] / (peak * opts.workers)
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    print(f"\n(a) tokens/s  torchrun {mean['torchrun']:.0f}  Ray Train {mean['ray_train']:.0f}  "
-          f"ratio {results['throughput_ratio_ray_over_torchrun']:.3f} (goal >= 0.97)")
-    print(f"(b) params+optimizer per worker  ZeRO-0 {memory[0]['memory_bytes'] / 2**20:.1f} MiB  "
+    print(f"\n{results['machine']}; native bf16: {native}. {opts.preset} ({n_params / 1e6:.1f}M), "
+          f"{opts.global_batch} x {opts.seq_len} tokens per step")
+    gflops = {p: gemm["flops"][p] / 1e9 for p in precisions}
+    print(f"(a) GEMM peak  fp32 {gflops['fp32']:.0f} GFLOP/s  bf16 {gflops['bf16']:.0f} GFLOP/s "
+          f"({gemm['torch_threads']} threads)")
+    for p in precisions:
+        print(f"    plain loop {p}: {plain[p]['tokens_per_s']:.0f} tokens/s, MFU {results['mfu']['plain'][p]:.1%}")
+    for p in precisions:
+        print(f"(b) {p}: torchrun {mean[p]['torchrun']:.0f}  Ray Train {mean[p]['ray_train']:.0f} tokens/s "
+              f"(MFU {results['mfu']['ray_train'][p]:.1%})  Ray/torchrun {results['ratio_ray_over_torchrun'][p]:.3f} "
+              f"(goal >= 0.97)  rayloop/plain {results['ratio_rayloop_over_plain'][p]:.3f}"
+              + ("  (goal >= 0.8)" if p == "bf16" else ""))
+    print(f"    bf16 speed-up: plain {results['bf16_speedup']['plain']:.2f}x, rayloop "
+          f"{results['bf16_speedup']['rayloop']:.2f}x; DeepSpeed's other bf16 form "
+          f"({results['other_bf16_form_torchrun']['form']}) under torchrun: {other_form['tokens_per_s']:.0f} tokens/s")
+    for p, figure in results["layout_one_worker_all_cpus_tokens_per_s"].items():
+        print(f"(c) {p}: 1 Ray Train worker x {os.cpu_count()} CPUs, ZeRO-0 {figure:.0f} tokens/s "
+              f"(rayloop/plain {figure / plain[p]['tokens_per_s']:.3f}) vs {opts.workers} x 1 CPU, ZeRO-2 "
+              f"{mean[p]['ray_train']:.0f}")
+    print(f"(d) params+optimizer per worker  ZeRO-0 {memory[0]['memory_bytes'] / 2**20:.1f} MiB  "
           f"ZeRO-3 {memory[3]['memory_bytes'] / 2**20:.1f} MiB  ratio {ratio_mem:.3f} "
           f"(goal <= {results['memory_goal']:.2f})")
+
+
+def _alone(kind: str, args: dict, out: str) -> None:
+    Path(out).write_text(json.dumps(_gemm_peak(args) if kind == "gemm" else _plain_loop(args)))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--torchrun-worker":
         _torchrun_worker(json.loads(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--alone":
+        _alone(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
     else:
         main()
