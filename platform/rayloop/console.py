@@ -7,8 +7,8 @@ file, and keeps the terminal for `say` lines and the stage bars. Uncaught errors
 line (see `run_cli`), with the log file's path.
 
 Training runs in Ray Train workers, often on other nodes, so a stage's bar is drawn here from what rank 0 sends to
-a small actor (`ProgressBoard`) with each step, with any line it has for the user; Ray's own `tqdm_ray` draws its bar through the forwarded log
-stream, which is exactly what goes to the file.
+a small actor (`ProgressBoard`) with each step, with any line it has for the user; Ray's own `tqdm_ray` draws its
+bar through the forwarded log stream, which is exactly what goes to the file.
 """
 
 from __future__ import annotations

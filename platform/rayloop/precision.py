@@ -3,7 +3,8 @@
 `deepspeed.precision: auto` picks bf16 on a GPU that supports it and on a CPU with native bf16 instructions
 (AVX512-BF16 or AMX on x86, the BF16 extension on Arm), fp32 elsewhere. A CPU without them still runs bf16, but
 emulated, and slower than fp32: on 2 threads of an AVX-512 Xeon without AVX512-BF16 a 2048x2048 GEMM ran at
-337 GFLOP/s in fp32 and 61 in bf16, where an EPYC with AVX512-BF16 ran 210 and 870. `bf16`/`fp32` force either.
+315 GFLOP/s in fp32 and 62 in bf16 (bench/pretrain.py), where an EPYC with AVX512-BF16 ran 210 and 870.
+`bf16`/`fp32` force either.
 
 Each worker looks at its own device and the group takes the lowest: every rank must train in one format, and the
 driver's node may be of another kind than the workers' (a CPU head node in front of GPU workers).
@@ -20,6 +21,7 @@ fp32 (DeepSpeed also reduces the linear layers' gradients in bf16); pretraining 
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import types
@@ -147,3 +149,21 @@ def logits_in_fp32(model) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Linear):
         head.forward = types.MethodType(_fp32_linear, head)
+
+
+def autocast_bare_calls(model) -> None:
+    """Run `model`'s own forward under CPU bf16 autocast, for the TRL jobs. DeepSpeed autocasts only the calls made
+    through its engine, and TRL also calls the bare model: evaluation, GRPO's and RLOO's old log-probabilities,
+    DPO's evaluation of the policy. Those must compute as training does: a policy ratio between fp32 and bf16
+    log-probabilities is not 1 on-policy, and clipping would act on precision noise."""
+    import torch
+
+    function = model.forward.__func__  # TRL may have bound a forward of its own (its fused LM head)
+
+    @functools.wraps(function)  # `generate` checks its keywords against the forward's signature
+    def under_autocast(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return function(self, *args, **kwargs)
+
+    # Bound, not a closure over this model: a deep copy (a reference model) then runs its own weights.
+    model.forward = types.MethodType(under_autocast, model)

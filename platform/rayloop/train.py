@@ -44,8 +44,10 @@ def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str) 
     adds DeepSpeed's autocast on a CPU (rayloop/precision.py)."""
     from rayloop.precision import deepspeed_precision
 
+    # bf16 (DeepSpeed's bf16 mode) is the Trainer's to fill from its `bf16` argument; autocast is ours.
+    autocast = {k: v for k, v in deepspeed_precision(precision, use_gpu).items() if k != "bf16"}
     config = {
-        **deepspeed_precision(precision, use_gpu),
+        **autocast,
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",

@@ -46,9 +46,15 @@ def test_zero3_offload_and_passthrough_overrides():
 
 
 def test_bf16_is_deepspeeds_bf16_mode_on_gpus_and_autocast_on_cpus():
+    from rayloop.train import hf_deepspeed_config
+
     gpu, cpu = _config(use_gpu=True, precision="bf16"), _config(precision="bf16")
     assert gpu["bf16"] == {"enabled": True} and "torch_autocast" not in gpu
     assert cpu["bf16"] == {"enabled": False} and cpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # The Trainer fills DeepSpeed's bf16 mode from its own `bf16` argument; the CPU's autocast is passed through.
+    trainer_cpu = hf_deepspeed_config(DeepSpeedSection(), use_gpu=False, precision="bf16")
+    assert trainer_cpu["bf16"] == {"enabled": "auto"} and trainer_cpu["torch_autocast"]["enabled"] is True
+    assert "torch_autocast" not in hf_deepspeed_config(DeepSpeedSection(), use_gpu=True, precision="bf16")
 
 
 def test_shards_are_disjoint_equal_and_cover():
