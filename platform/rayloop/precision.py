@@ -105,6 +105,8 @@ def agreed(setting: str, use_gpu: bool) -> tuple[str, str]:
         same = len({why for _, why in everyone}) == 1
         return BF16, everyone[0][1] if same else "auto: every worker's device computes bf16"
     rank, why = lacking[0]
+    if len(lacking) == len(everyone) and len({w for _, w in lacking}) == 1:
+        return FP32, why  # every worker alike
     return FP32, f"{why} (worker {rank})"
 
 

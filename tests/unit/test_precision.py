@@ -54,6 +54,8 @@ def test_workers_agree_on_fp32_when_one_lacks_bf16(monkeypatch):
     assert precision.agreed("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX (worker 1)")
     gathered[1] = ("bf16", "auto: CPU with AVX512-BF16")
     assert precision.agreed("auto", use_gpu=False) == ("bf16", "auto: every worker's device computes bf16")
+    gathered[:] = [("fp32", "auto: CPU without AVX512-BF16 or AMX")] * 3
+    assert precision.agreed("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX")
 
 
 def test_the_message_names_the_choice_and_the_switch():
