@@ -21,7 +21,6 @@ fp32 (DeepSpeed also reduces the linear layers' gradients in bf16); pretraining 
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import types
@@ -152,20 +151,3 @@ def logits_in_fp32(model) -> None:
     if isinstance(head, torch.nn.Linear):
         head.forward = types.MethodType(_fp32_linear, head)
 
-
-def autocast_bare_calls(model) -> None:
-    """Run `model`'s own forward under CPU bf16 autocast, for the TRL jobs. DeepSpeed autocasts only the calls made
-    through its engine, and TRL also calls the bare model: evaluation, GRPO's and RLOO's old log-probabilities,
-    DPO's evaluation of the policy. Those must compute as training does: a policy ratio between fp32 and bf16
-    log-probabilities is not 1 on-policy, and clipping would act on precision noise."""
-    import torch
-
-    function = model.forward.__func__  # TRL may have bound a forward of its own (its fused LM head)
-
-    @functools.wraps(function)  # `generate` checks its keywords against the forward's signature
-    def under_autocast(self, *args, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return function(self, *args, **kwargs)
-
-    # Bound, not a closure over this model: a deep copy (a reference model) then runs its own weights.
-    model.forward = types.MethodType(under_autocast, model)
