@@ -99,13 +99,12 @@ def agreed(setting: str, use_gpu: bool) -> tuple[str, str]:
         return mine
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) == 1:  # every worker alike
+        return everyone[0]
     lacking = [(rank, why) for rank, (precision, why) in enumerate(everyone) if precision != BF16]
     if not lacking:
-        same = len({why for _, why in everyone}) == 1
-        return BF16, everyone[0][1] if same else "auto: every worker's device computes bf16"
+        return BF16, "auto: every worker's device computes bf16"
     rank, why = lacking[0]
-    if len(lacking) == len(everyone) and len({w for _, w in lacking}) == 1:
-        return FP32, why  # every worker alike
     return FP32, f"{why} (worker {rank})"
 
 
