@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from serve.config import ModelEntry, ServeAppConfig
@@ -202,25 +203,40 @@ def _llm_server_class():
     return RayloopLLMServer
 
 
+# An `openai`-shape request whose engine replica dies before its first output is sent to another replica, this
+# many times in all, waiting REPLICA_LOSS_BACKOFF_S x the attempt number between.
+REPLICA_LOSS_ATTEMPTS = 3
+REPLICA_LOSS_BACKOFF_S = 0.2
+
+
 def _ingress_class():
     from fastapi import Response
     from fastapi.responses import JSONResponse, StreamingResponse
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
     from ray.serve.llm.ingress import OpenAiIngress
+
+    logger = logging.getLogger("ray.serve")
 
     class RayloopIngress(OpenAiIngress):
         """ray.serve.llm's OpenAI ingress plus /health, which asks every model's engine, and two error answers it
         gets wrong: a full queue (Serve's BackPressureError) reaches the client as a bare-text 503, and a chat
         message that fails validation while ray.serve.llm re-checks it (e.g. a content part of unknown type)
-        as a 500. It also copies the engine's model version (`system_fingerprint`) into the
+        as a 500. A request whose engine replica dies before answering goes to another replica (a 503 when none
+        answers). It also copies the engine's model version (`system_fingerprint`) into the
         `x-rayloop-model-version` header: the engine that answered knows its version, the ingress does not."""
 
         async def _process_llm_request(self, body, call_method, raw_request=None):
             try:
-                response = await super()._process_llm_request(body, call_method, raw_request)
+                response = await self._answer_from_a_live_engine(body, call_method, raw_request)
             except BackPressureError:
                 response = openai_error(503, f"Model {body.model!r} is at capacity (its queue is full); retry "
                                              f"shortly.", "server_overloaded", "overloaded")
+                response.headers["Retry-After"] = "1"
+                return response
+            except RayActorError:
+                response = openai_error(503, f"Model {body.model!r} lost its engine replica mid-request; retry "
+                                             f"shortly.", "server_error", "replica_lost")
                 response.headers["Retry-After"] = "1"
                 return response
             except ValueError as exc:  # pydantic's ValidationError included: the request, not the server
@@ -243,6 +259,23 @@ def _ingress_class():
 
                 response.body_iterator = replay()
             return response
+
+        async def _answer_from_a_live_engine(self, body, call_method, raw_request):
+            # Serve re-routes a request its replica refused, but not one whose replica died after taking it (the
+            # router cannot know whether a request is safe to run twice). A generation is: until its first output
+            # exists, nothing has reached the client, so it goes to another replica. The router has by then
+            # dropped the dead one (ActorDiedError) or probes it before choosing it again (ActorUnavailableError).
+            # A stream that dies after its first chunk is cut, as before; retries are few, so a request that
+            # itself kills its engine costs at most REPLICA_LOSS_ATTEMPTS replicas.
+            for attempt in range(1, REPLICA_LOSS_ATTEMPTS + 1):
+                try:
+                    return await super()._process_llm_request(body, call_method, raw_request)
+                except RayActorError as exc:
+                    if attempt == REPLICA_LOSS_ATTEMPTS:
+                        raise
+                    logger.warning(f"{body.model}: the engine replica died mid-request ({type(exc).__name__}); "
+                                   f"sending it to another (attempt {attempt + 1} of {REPLICA_LOSS_ATTEMPTS})")
+                    await asyncio.sleep(REPLICA_LOSS_BACKOFF_S * attempt)
 
         async def health(self) -> Response:
             for handle in self._default_serve_handles.values():

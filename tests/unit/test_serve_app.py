@@ -346,3 +346,49 @@ def test_the_guard_names_the_model_version_in_every_answer_whole_events_only():
     datas = [line for line in out.decode().split("\n\n") if line]
     assert [json.loads(d[6:])["system_fingerprint"] for d in datas[:2]] == ["m@3", "m@3"] and datas[2] == "data: [DONE]"
     assert json.loads(datas[1][6:])["choices"][0]["text"] == "é"
+
+
+@pytest.mark.parametrize("losses, status, calls", [(1, 200, 2), (2, 200, 3), (3, 503, 3)])
+def test_a_request_whose_engine_replica_dies_goes_to_another(monkeypatch, losses, status, calls):
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.llm.ingress import OpenAiIngress
+    from starlette.responses import JSONResponse
+
+    import serve.app
+    from serve.app import _ingress_class
+
+    monkeypatch.setattr(serve.app, "REPLICA_LOSS_BACKOFF_S", 0)
+    errors = [ActorUnavailableError("node gone", None), ActorDiedError()][:losses] + [ActorDiedError()] * 3
+    tried = []
+
+    async def engine(self, body, call_method, raw_request=None):  # ray.serve.llm's call of the engine replica
+        tried.append(call_method)
+        if len(tried) <= losses:
+            raise errors[len(tried) - 1]
+        return JSONResponse({"id": "cmpl-1", "choices": [{"text": "46"}]})
+
+    monkeypatch.setattr(OpenAiIngress, "_process_llm_request", engine)
+    ingress_cls = _ingress_class()
+    body = type("Body", (), {"model": "policy"})()
+    response = asyncio.run(ingress_cls._process_llm_request(object.__new__(ingress_cls), body, "completions"))
+    assert (response.status_code, len(tried)) == (status, calls)
+    if status == 503:
+        assert b'"code":"replica_lost"' in response.body and response.headers["Retry-After"] == "1"
+
+
+def test_a_request_that_fails_for_another_reason_is_not_sent_again(monkeypatch):
+    from ray.serve.llm.ingress import OpenAiIngress
+
+    from serve.app import _ingress_class
+
+    tried = []
+
+    async def engine(self, body, call_method, raw_request=None):
+        tried.append(call_method)
+        raise ValueError("messages.0.content: unknown part type")
+
+    monkeypatch.setattr(OpenAiIngress, "_process_llm_request", engine)
+    ingress_cls = _ingress_class()
+    body = type("Body", (), {"model": "policy"})()
+    response = asyncio.run(ingress_cls._process_llm_request(object.__new__(ingress_cls), body, "chat"))
+    assert (response.status_code, tried) == (400, ["chat"])
