@@ -209,6 +209,15 @@ REPLICA_LOSS_ATTEMPTS = 3
 REPLICA_LOSS_BACKOFF_S = 0.2
 
 
+def replica_lost(exc: BaseException) -> bool:
+    """Whether a call's error is the loss of the replica that ran it. An actor error raised *inside* a live replica
+    (one of its own actors died: a RayTaskError that is also an ActorDiedError) is that replica's answer, not its
+    loss, and another try may reach the same replica."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    return isinstance(exc, RayActorError) and not isinstance(exc, RayTaskError)
+
+
 def _ingress_class():
     from fastapi import Response
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -234,7 +243,9 @@ def _ingress_class():
                                              f"shortly.", "server_overloaded", "overloaded")
                 response.headers["Retry-After"] = "1"
                 return response
-            except RayActorError:
+            except RayActorError as exc:
+                if not replica_lost(exc):
+                    raise
                 response = openai_error(503, f"Model {body.model!r} lost its engine replica mid-request; retry "
                                              f"shortly.", "server_error", "replica_lost")
                 response.headers["Retry-After"] = "1"
@@ -263,15 +274,17 @@ def _ingress_class():
         async def _answer_from_a_live_engine(self, body, call_method, raw_request):
             # Serve re-routes a request its replica refused, but not one whose replica died after taking it (the
             # router cannot know whether a request is safe to run twice). A generation is: until its first output
-            # exists, nothing has reached the client, so it goes to another replica. The router has by then
-            # dropped the dead one (ActorDiedError) or probes it before choosing it again (ActorUnavailableError).
-            # A stream that dies after its first chunk is cut, as before; retries are few, so a request that
-            # itself kills its engine costs at most REPLICA_LOSS_ATTEMPTS replicas.
+            # exists, nothing has reached the client, so it goes to another replica. The router drops a dead
+            # replica (ActorDiedError) or probes it before choosing it again (ActorUnavailableError) from a
+            # callback on its own loop, which the pause before each retry leaves time to run. An unavailable
+            # replica may still be alive and finish the first attempt: its work is then done twice. A stream that
+            # dies after its first chunk is cut, as before; retries are few, so a request that itself kills its
+            # engine costs at most REPLICA_LOSS_ATTEMPTS replicas.
             for attempt in range(1, REPLICA_LOSS_ATTEMPTS + 1):
                 try:
                     return await super()._process_llm_request(body, call_method, raw_request)
                 except RayActorError as exc:
-                    if attempt == REPLICA_LOSS_ATTEMPTS:
+                    if not replica_lost(exc) or attempt == REPLICA_LOSS_ATTEMPTS:
                         raise
                     logger.warning(f"{body.model}: the engine replica died mid-request ({type(exc).__name__}); "
                                    f"sending it to another (attempt {attempt + 1} of {REPLICA_LOSS_ATTEMPTS})")

@@ -348,47 +348,98 @@ def test_the_guard_names_the_model_version_in_every_answer_whole_events_only():
     assert json.loads(datas[1][6:])["choices"][0]["text"] == "é"
 
 
+
+def run_ingress(monkeypatch, engine_calls, call_method="completions", tried=None):
+    """RayloopIngress's request path with ray.serve.llm's own `_process_llm_request` (peek at the first output,
+    JSON or a stream); only the engine replica behind its handle is replaced, by `engine_calls`: one async
+    generator function per call. Returns the response, with a stream's body read whole, and the number of calls
+    (also appended to `tried`, for a call that raises)."""
+    from ray.serve.llm.ingress import OpenAiIngress
+
+    import serve.app
+
+    monkeypatch.setattr(serve.app, "REPLICA_LOSS_BACKOFF_S", 0)
+    calls = iter(engine_calls)
+    tried = [] if tried is None else tried
+
+    def engine(self, *, body, call_method, raw_request=None):  # the handle's call of one engine replica
+        tried.append(call_method)
+        return next(calls)()
+
+    monkeypatch.setattr(OpenAiIngress, "_get_response", engine)
+    ingress_cls = serve.app._ingress_class()
+    body = type("Body", (), {"model": "policy"})()
+
+    async def answer():
+        response = await ingress_cls._process_llm_request(object.__new__(ingress_cls), body, call_method)
+        if hasattr(response, "body_iterator"):
+            response.streamed = [chunk async for chunk in response.body_iterator]
+        return response
+
+    return asyncio.run(answer()), len(tried)
+
+
+def completion():
+    from ray.llm._internal.serve.core.configs.openai_api_models import CompletionResponse
+
+    return CompletionResponse.model_validate({
+        "id": "cmpl-1", "object": "text_completion", "created": 0, "model": "policy",
+        "choices": [{"index": 0, "text": "46", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}})
+
+
+def dies(error):
+    async def call():
+        raise error
+        yield  # an async generator, as the handle's response is
+
+    return call
+
+
+def answers():
+    async def call():
+        yield completion()
+
+    return call
+
+
 @pytest.mark.parametrize("losses, status, calls", [(1, 200, 2), (2, 200, 3), (3, 503, 3)])
 def test_a_request_whose_engine_replica_dies_goes_to_another(monkeypatch, losses, status, calls):
     from ray.exceptions import ActorDiedError, ActorUnavailableError
-    from ray.serve.llm.ingress import OpenAiIngress
-    from starlette.responses import JSONResponse
 
-    import serve.app
-    from serve.app import _ingress_class
-
-    monkeypatch.setattr(serve.app, "REPLICA_LOSS_BACKOFF_S", 0)
-    errors = [ActorUnavailableError("node gone", None), ActorDiedError()][:losses] + [ActorDiedError()] * 3
-    tried = []
-
-    async def engine(self, body, call_method, raw_request=None):  # ray.serve.llm's call of the engine replica
-        tried.append(call_method)
-        if len(tried) <= losses:
-            raise errors[len(tried) - 1]
-        return JSONResponse({"id": "cmpl-1", "choices": [{"text": "46"}]})
-
-    monkeypatch.setattr(OpenAiIngress, "_process_llm_request", engine)
-    ingress_cls = _ingress_class()
-    body = type("Body", (), {"model": "policy"})()
-    response = asyncio.run(ingress_cls._process_llm_request(object.__new__(ingress_cls), body, "completions"))
-    assert (response.status_code, len(tried)) == (status, calls)
-    if status == 503:
+    lost = [dies(ActorUnavailableError("node gone", None)), dies(ActorDiedError()), dies(ActorDiedError())]
+    response, tried = run_ingress(monkeypatch, lost[:losses] + [answers()])
+    assert (response.status_code, tried) == (status, calls)
+    if status == 200:
+        assert b'"text":"46"' in response.body
+    else:
         assert b'"code":"replica_lost"' in response.body and response.headers["Retry-After"] == "1"
 
 
-def test_a_request_that_fails_for_another_reason_is_not_sent_again(monkeypatch):
-    from ray.serve.llm.ingress import OpenAiIngress
+def test_a_stream_cut_after_its_first_chunk_is_not_sent_again(monkeypatch):
+    from ray.exceptions import ActorDiedError
 
-    from serve.app import _ingress_class
+    async def cut():
+        yield 'data: {"choices": [{"text": "4"}]}\n\n'
+        raise ActorDiedError()
 
     tried = []
+    with pytest.raises(ActorDiedError):  # the client has the first chunk; the rest cannot come from elsewhere
+        run_ingress(monkeypatch, [cut, answers()], tried=tried)
+    assert tried == ["completions"]
 
-    async def engine(self, body, call_method, raw_request=None):
-        tried.append(call_method)
-        raise ValueError("messages.0.content: unknown part type")
 
-    monkeypatch.setattr(OpenAiIngress, "_process_llm_request", engine)
-    ingress_cls = _ingress_class()
-    body = type("Body", (), {"model": "policy"})()
-    response = asyncio.run(ingress_cls._process_llm_request(object.__new__(ingress_cls), body, "chat"))
-    assert (response.status_code, tried) == (400, ["chat"])
+def test_an_error_from_a_live_replica_is_not_sent_again(monkeypatch):
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    # An actor the replica itself called died: the replica answers with that error and stays in rotation.
+    inside = RayTaskError("completions", "traceback", ActorDiedError()).as_instanceof_cause()
+    assert isinstance(inside, ActorDiedError)
+    tried = []
+    with pytest.raises(RayTaskError):
+        run_ingress(monkeypatch, [dies(inside), answers()], tried=tried)
+    assert tried == ["completions"]
+
+    response, calls = run_ingress(monkeypatch, [dies(ValueError("messages.0.content: unknown part type")),
+                                                answers()], "chat")
+    assert (response.status_code, calls) == (400, 1)
