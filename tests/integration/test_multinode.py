@@ -380,8 +380,8 @@ def test_killing_the_node_of_a_serve_replica_under_load_loses_under_1_percent(cl
     stop = threading.Event()
 
     def load():
-        # The openai client's own retries (max_retries=2, its default backoff) are what a request may rely on.
-        client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=2, timeout=30)
+        # No retry by the client: a request caught on the dead replica must be re-sent by the endpoint itself.
+        client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=30)
 
         def one():
             while not stop.is_set():
