@@ -478,7 +478,7 @@ def train_loop(loop_config: dict) -> None:
     from rayloop.console import reporter
     from rayloop.storage import local_copy, training_state
     from rayloop.tracking import log_dir_for, sync_logs
-    from rayloop.precision import agreed, describe
+    from rayloop.precision import BF16, agreed, autocast_bare_calls, describe
 
     cfg: PostTrainConfig = loop_config["cfg"]
     rank = ray.train.get_context().get_world_rank()
@@ -492,6 +492,10 @@ def train_loop(loop_config: dict) -> None:
     args = training_arguments(cfg, output_dir, precision=precision)
     # The starting model from storage, through this node's cache: nodes share no disk with the driver.
     trainer = loop_config["build_trainer"](cfg, local_copy(loop_config["model_dir"], exclude=training_state), args)
+    if precision == BF16 and not cfg.scaling.use_gpu:
+        for model in (trainer.model, getattr(trainer, "ref_model", None)):
+            if model is not None:
+                autocast_bare_calls(model)
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()
     # TensorBoard's callback goes last, so that it writes the figures ours add to the logs (step_seconds, time/*).

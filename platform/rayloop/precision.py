@@ -14,13 +14,14 @@ mode (bf16 weights, fp32 master copy and optimizer state; the Trainer's `bf16=Tr
 weight memory. On a CPU, DeepSpeed's `torch_autocast`: weights, gradients, optimizer state and checkpoints stay
 fp32; torch's CPU autocast runs the matrix multiplications (linear layers, attention) in bf16 on oneDNN's
 AVX512-BF16/AMX kernels, where a CPU's bf16 speed is, and keeps the residual stream, norms, softmax and loss in
-fp32 (DeepSpeed also reduces the linear layers' gradients in bf16); pretraining keeps its logits in fp32 too
-(`logits_in_fp32`). The numerics decide it: from the same pretrained model, 2000 steps of the demo's SFT reached
-8.2% held-out exact match with bf16 weights and 93.1% with autocast.
+fp32 (with ZeRO stage 1 or more DeepSpeed also reduces the linear layers' gradients in bf16); pretraining keeps
+its logits in fp32 too (`logits_in_fp32`). The numerics decide it: from the same pretrained model, 2000 steps of
+the demo's SFT reached 8.2% held-out exact match with bf16 weights and 93.1% with autocast.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import types
@@ -150,3 +151,20 @@ def logits_in_fp32(model) -> None:
     if isinstance(head, torch.nn.Linear):
         head.forward = types.MethodType(_fp32_linear, head)
 
+
+def autocast_bare_calls(model) -> None:
+    """Run `model`'s own forward under CPU bf16 autocast, for the TRL jobs. DeepSpeed autocasts only the calls made
+    through its engine, and TRL also calls the bare model: evaluation, GRPO's and RLOO's old log-probabilities,
+    DPO's evaluation of the policy. Those must compute as training does: a policy ratio between fp32 and bf16
+    log-probabilities is not 1 on-policy, and clipping would act on precision noise."""
+    import torch
+
+    function = model.forward.__func__  # TRL may have bound a forward of its own (its fused LM head)
+
+    @functools.wraps(function)  # `generate` checks its keywords against the forward's signature
+    def under_autocast(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return function(self, *args, **kwargs)
+
+    # Bound, not a closure over this model: a deep copy (a reference model) then runs its own weights.
+    model.forward = types.MethodType(under_autocast, model)

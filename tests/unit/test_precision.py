@@ -73,3 +73,26 @@ def test_the_environment_can_tell_what_the_cpu_does(x86, monkeypatch):
     monkeypatch.setenv("RAYLOOP_CPU_BF16", "0")
     assert precision.choose("auto", use_gpu=False)[0] == "fp32"
 
+
+def test_trl_jobs_bare_model_calls_run_under_autocast_and_a_copy_keeps_its_own_weights():
+    import copy
+    import inspect
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=100))
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(input_ids=ids).logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as DeepSpeed's engine runs the training pass
+        trained = model(input_ids=ids).logits
+    precision.autocast_bare_calls(model)
+    # TRL's bare call (e.g. GRPO's old log-probabilities) now computes what training computes: ratio 1 on-policy.
+    assert torch.equal(model(input_ids=ids).logits, trained)
+    assert "input_ids" in inspect.signature(model.forward).parameters  # what `generate` validates against
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+    reference = copy.deepcopy(model)  # as TRL builds a reference model
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.zero_()
+    assert reference(input_ids=ids).logits.abs().max() == 0 and model(input_ids=ids).logits.abs().max() > 0
