@@ -133,8 +133,9 @@ def train_loop(loop_config: dict) -> None:
 
     progress = reporter(loop_config, rank, cfg.train.steps)
     resumed = checkpoint_state()
-    if resumed and "precision" in resumed:
-        # The optimizer state on disk has this precision's layout (bf16 mode keeps a master copy fp32 lacks).
+    if resumed and "precision" in resumed and cfg.scaling.use_gpu:
+        # On a GPU the optimizer state on disk has its precision's layout (DeepSpeed's bf16 mode keeps an fp32
+        # master copy that fp32 mode lacks). On a CPU both keep fp32 weights, so each resumed group decides anew.
         precision, why = resumed["precision"], "the precision of the run's checkpoints"
     else:
         precision, why = agreed(cfg.deepspeed.precision, cfg.scaling.use_gpu)
@@ -173,7 +174,8 @@ def train_loop(loop_config: dict) -> None:
             # The only host sync of the loss: on a GPU, an .item() every step would stall the pipeline.
             metrics |= {"loss": _mean_over_workers(loss.item()), "lr": engine.get_lr()[0],
                         "tokens_per_s": tokens / (time.perf_counter() - started)}
-            if (grad_norm := engine.get_global_grad_norm()) is not None:  # ZeRO-0 in fp32 does not keep it
+            # DeepSpeed keeps the norm only where a ZeRO optimizer computes it.
+            if (grad_norm := engine.get_global_grad_norm()) is not None:
                 metrics["grad_norm"] = float(grad_norm)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             eval_loss = evaluate(engine, eval_blocks, micro)
