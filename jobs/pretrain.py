@@ -111,6 +111,7 @@ def batch_at(blocks, position: int, micro: int, seed: int):
 def train_loop(loop_config: dict) -> None:
     import deepspeed
     import ray.train
+    import torch
 
     from rayloop.console import reporter
     from rayloop.data import load_documents, pack_blocks
@@ -126,14 +127,16 @@ def train_loop(loop_config: dict) -> None:
     run_dir = cfg.storage.run_dir()
     log_dir = log_dir_for(run_dir)
 
-    model, tokenizer = load_model(loop_config["model_dir"])
+    # fp32 whatever the folder was saved in (a bf16 model from a GPU run or the Hub): DeepSpeed's fp32 and autocast
+    # modes train the weights they are given, and its bf16 mode casts them itself, keeping an fp32 master copy.
+    model, tokenizer = load_model(loop_config["model_dir"], dtype=torch.float32)
     train_docs, eval_docs = load_documents(cfg.data, cfg.task)
     train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
     eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
 
     progress = reporter(loop_config, rank, cfg.train.steps)
-    resumed = checkpoint_state()
-    if resumed and "precision" in resumed and cfg.scaling.use_gpu:
+    resumed = checkpoint_state() if cfg.scaling.use_gpu else None
+    if resumed and "precision" in resumed:
         # On a GPU the optimizer state on disk has its precision's layout (DeepSpeed's bf16 mode keeps an fp32
         # master copy that fp32 mode lacks). On a CPU both keep fp32 weights, so each resumed group decides anew.
         precision, why = resumed["precision"], "the precision of the run's checkpoints"
