@@ -160,6 +160,11 @@ class DeepSpeedSection(Section):
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        # The job announces, logs and checkpoints the precision it chose; a precision key here would change it
+        # behind that back.
+        precision_keys = sorted({"bf16", "bfloat16", "fp16", "torch_autocast", "amp"} & set(self.overrides))
+        if precision_keys:
+            raise ValueError(f"deepspeed.overrides sets {', '.join(precision_keys)}: use deepspeed.precision")
         return self
 
 

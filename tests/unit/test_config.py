@@ -33,6 +33,7 @@ def test_override_values_parse_as_yaml():
         (["--optim.lr=abc"], "optim.lr: Input should be a valid number"),
         (["--optim.lr=-1"], "optim.lr: Input should be greater than 0"),
         (["--deepspeed.zero_stage=5"], "deepspeed.zero_stage"),
+        (["--deepspeed.overrides={bf16: {enabled: true}}"], "deepspeed.overrides sets bf16: use deepspeed.precision"),
         (["--scaling.num_workers=0"], "scaling.num_workers"),
         (["--model.name_or_path=/nonexistent"], "model.name_or_path"),
         (["--train.global_batch_size=7"], "train.global_batch_size (7) must be divisible"),
