@@ -385,11 +385,9 @@ def test_killing_the_node_of_a_serve_replica_under_load_loses_under_1_percent(cl
 
     def load():
         # No retry by the client: a request caught on the dead replica must be re-sent by the endpoint itself.
-        # On a development machine every request finished within 2 s of the kill; on a CI machine four waited
-        # past 30 s, for a cause not established (Ray fails a call on a broken connection after about a
-        # second, but the lost replica's replacement, a vLLM engine, starts meanwhile on the survivor's two
-        # cores). A late request is not a lost one: the timeout leaves it room, and each failure says when it
-        # started relative to the kill.
+        # What is measured is loss, not latency: while the lost replica's replacement, a vLLM engine, starts on
+        # the survivor's two cores, a re-sent request can wait tens of seconds, so the timeout is generous and
+        # the slowest request is printed, with each failure's start relative to the kill.
         client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=0, timeout=120)
 
         def one():

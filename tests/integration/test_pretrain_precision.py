@@ -70,7 +70,8 @@ def train(precision: str, tmp_path) -> dict:
 
 def test_bf16_on_a_cpu_multiplies_in_bf16_keeps_fp32_weights_and_learns_as_fp32_does(tmp_path):
     fp32, bf16 = train("fp32", tmp_path), train("bf16", tmp_path)
-    assert fp32["zero_stage"] == bf16["zero_stage"] == 2  # the jobs' default: bf16 gradients in ZeRO's buckets
+    # ZeRO-2, the jobs' default, whose gradient reduction under autocast (bf16 for the linear layers) runs here.
+    assert fp32["zero_stage"] == bf16["zero_stage"] == 2
     assert fp32["matmul_dtypes"] == ["torch.float32"] and bf16["matmul_dtypes"] == ["torch.bfloat16"]
     assert bf16["logits_dtypes"] == ["torch.float32"]  # the output layer runs outside autocast
     # Autocast, not bf16 weights: master weights, gradients and optimizer state stay fp32; the loss too.

@@ -105,6 +105,19 @@ def test_schedule_reaches_the_trl_arguments(model_dir, tmp_path):
         grpo(model_dir, "--optim.schedule=linear")
 
 
+def test_bf16_is_autocast_on_a_cpu_and_bf16_weights_on_a_gpu(model_dir, tmp_path):
+    from rayloop.posttrain import training_arguments
+
+    cpu = training_arguments(grpo(model_dir), str(tmp_path), precision="bf16")
+    # bf16 weights (the Trainer's bf16=True) did not train the tiny models on a CPU; autocast inside DeepSpeed did.
+    assert cpu["bf16"] is False and cpu["use_cpu"] is True
+    assert cpu["deepspeed"]["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    gpu = training_arguments(grpo(model_dir, "--scaling.use_gpu=true"), str(tmp_path), precision="bf16")
+    assert gpu["bf16"] is True and "torch_autocast" not in gpu["deepspeed"]
+    fp32 = training_arguments(grpo(model_dir), str(tmp_path), precision="fp32")
+    assert fp32["bf16"] is False and "torch_autocast" not in fp32["deepspeed"]
+
+
 def test_colocated_vllm_gets_its_kv_cache_in_bytes(model_dir):
     import trl.generation.vllm_generation as vllm_generation
 
