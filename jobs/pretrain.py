@@ -127,13 +127,6 @@ def train_loop(loop_config: dict) -> None:
     run_dir = cfg.storage.run_dir()
     log_dir = log_dir_for(run_dir)
 
-    # fp32 whatever the folder was saved in (a bf16 model from a GPU run or the Hub): DeepSpeed's fp32 and autocast
-    # modes train the weights they are given, and its bf16 mode casts them itself, keeping an fp32 master copy.
-    model, tokenizer = load_model(loop_config["model_dir"], dtype=torch.float32)
-    train_docs, eval_docs = load_documents(cfg.data, cfg.task)
-    train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
-    eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
-
     progress = reporter(loop_config, rank, cfg.train.steps)
     resumed = checkpoint_state() if cfg.scaling.use_gpu else None
     if resumed and "precision" in resumed:
@@ -143,6 +136,15 @@ def train_loop(loop_config: dict) -> None:
     else:
         precision, why = agreed(cfg.deepspeed.precision, cfg.scaling.use_gpu)
     progress.say(f"pretrain: {describe(precision, why, autocast=not cfg.scaling.use_gpu)}")
+
+    # In the weights' dtype of the chosen precision, whatever the folder holds (a bf16 model from a GPU run or the
+    # Hub): DeepSpeed's fp32 and autocast modes train the weights they are given; its bf16 mode would cast fp32
+    # weights to bf16 on the host anyway, so loading them in bf16 saves half the host memory.
+    weights_dtype = torch.bfloat16 if precision == BF16 and cfg.scaling.use_gpu else torch.float32
+    model, tokenizer = load_model(loop_config["model_dir"], dtype=weights_dtype)
+    train_docs, eval_docs = load_documents(cfg.data, cfg.task)
+    train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
+    eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
     if precision == BF16 and not cfg.scaling.use_gpu:
         logits_in_fp32(model)
     engine, _, _, _ = deepspeed.initialize(

@@ -418,7 +418,7 @@ def test_killing_the_node_of_a_serve_replica_under_load_loses_under_1_percent(cl
     wait_for(lambda: counts["ok"] + counts["failed"] - sum(at_kill.values()) >= 200, 300, "200 requests after it")
     stop.set()
     loader.join(timeout=150)  # longer than the client's timeout, so no request is still out when counted
-    assert not loader.is_alive(), "a request still out 150 s after the load stopped"
+    assert not loader.is_alive(), ("a request still out 150 s after the load stopped", counts, errors[-5:])
     total = counts["ok"] + counts["failed"]
     print(f"serve node failure: killed {victim.name} ({killed} processes); {counts['ok']}/{total} requests OK "
           f"({counts['ok'] / total:.2%}), {total - sum(at_kill.values())} after the kill, slowest {slowest[0]:.1f} s; "
