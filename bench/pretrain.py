@@ -260,19 +260,26 @@ def main() -> None:
     native, device = device_bf16(opts.gpu)
 
     gemm = run_alone("gemm", args)
-    plain = {p: run_alone("plain", {**args, "precision": p}) for p in precisions}
-    runs: dict = {p: {"torchrun": [], "ray_train": []} for p in precisions}
+    # Every round measures each figure once, the plain loop and the one-worker layout too, so each ratio is taken
+    # between runs minutes apart: on a shared machine one process's speed drifts by 10-20% within the hour.
+    names = ("plain", "torchrun", "ray_train") + (() if opts.gpu else ("one_worker",))
+    runs: dict = {p: {name: [] for name in names} for p in precisions}
     threads = {}
     for _ in range(opts.repeats):
         for p in precisions:
+            result = run_alone("plain", {**args, "precision": p})
+            runs[p]["plain"].append(result["tokens_per_s"])
+            threads["plain"] = result["torch_threads"]
             for name, run in (("torchrun", run_torchrun), ("ray_train", run_ray)):
                 result = run({**args, "precision": p}, opts.workers)
                 runs[p][name].append(result["tokens_per_s"])
                 threads[name] = result["torch_threads"]
+            if not opts.gpu:
+                # One worker has nothing to shard: ZeRO-0, as one would configure it (ZeRO-2 adds DeepSpeed's flat
+                # buffers).
+                result = run_ray({**args, "precision": p, "zero": 0}, 1, cpus_per_worker=os.cpu_count())
+                runs[p]["one_worker"].append(result["tokens_per_s"])
     other_form = run_torchrun({**args, "precision": "bf16", "other_bf16_form": True}, opts.workers)
-    # One worker has nothing to shard: ZeRO-0, as one would configure it (ZeRO-2 adds DeepSpeed's flat buffers).
-    layout = {} if opts.gpu else {
-        p: run_ray({**args, "precision": p, "zero": 0}, 1, cpus_per_worker=os.cpu_count()) for p in precisions}
     memory = {z: run_torchrun({**args, "precision": "fp32", "zero": z, "steps": 1, "warmup": 1}, opts.workers)
               for z in (0, 3)}
     n_params = memory[0]["n_params"]
@@ -285,7 +292,14 @@ def main() -> None:
         return 6 * n_params * tokens_per_s / (gemm["flops"][precision] * n_devices)
 
     mean = {p: {k: sum(v) / len(v) for k, v in runs[p].items()} for p in precisions}
-    per_device = {p: mean[p]["ray_train"] / devices for p in precisions}
+
+    def ratios(p: str, over: str, under: str, scale: float = 1.0) -> list[float]:
+        """The ratio within each round (runs minutes apart), not the ratio of means."""
+        return [a / scale / b for a, b in zip(runs[p][over], runs[p][under])]
+
+    def round_ratios(over: str, under: str, scale: float = 1.0) -> dict:
+        return {p: {"mean": sum(r := ratios(p, over, under, scale)) / len(r), "rounds": r} for p in precisions}
+
     ratio_mem = memory[3]["memory_bytes"] / memory[0]["memory_bytes"]
     results = {
         "machine": f"{os.cpu_count()} CPUs" + (", GPU" if opts.gpu else ", no GPU") + f"; {device}",
@@ -293,20 +307,17 @@ def main() -> None:
         "preset": opts.preset, "parameters": n_params, "workers": opts.workers, "seq_len": opts.seq_len,
         "global_batch": opts.global_batch, "timed_steps": opts.steps, "zero_stage": 2,
         "gemm_peak_flops": gemm["flops"], "gemm_torch_threads": gemm["torch_threads"],
-        "plain_loop_tokens_per_s": {p: plain[p]["tokens_per_s"] for p in precisions},
-        "plain_loop_torch_threads": plain["fp32"]["torch_threads"],
-        "rayloop_tokens_per_s": runs,
-        "rayloop_torch_threads_per_worker": threads,
-        "ratio_ray_over_torchrun": {p: mean[p]["ray_train"] / mean[p]["torchrun"] for p in precisions},
-        "ratio_rayloop_over_plain": {p: per_device[p] / plain[p]["tokens_per_s"] for p in precisions},
-        "bf16_speedup": {"plain": plain["bf16"]["tokens_per_s"] / plain["fp32"]["tokens_per_s"],
-                         "rayloop": mean["bf16"]["ray_train"] / mean["fp32"]["ray_train"]},
+        "tokens_per_s": runs,
+        "torch_threads_per_process": threads,
+        "ratio_ray_over_torchrun": round_ratios("ray_train", "torchrun"),
+        "ratio_rayloop_over_plain": round_ratios("ray_train", "plain", devices),
+        "ratio_one_worker_over_plain": {} if opts.gpu else round_ratios("one_worker", "plain"),
+        "bf16_speedup": {k: mean["bf16"][k] / mean["fp32"][k] for k in names},
         "other_bf16_form_torchrun": {"form": "autocast" if opts.gpu else "bf16 weights",
                                      "tokens_per_s": other_form["tokens_per_s"],
                                      "param_dtype": other_form["param_dtype"]},
-        "layout_one_worker_all_cpus_tokens_per_s": {p: layout[p]["tokens_per_s"] for p in layout},
-        "mfu": {"plain": {p: mfu(plain[p]["tokens_per_s"], p, 1) for p in precisions},
-                "ray_train": {p: mfu(mean[p]["ray_train"], p) for p in precisions}},
+        "mfu": {k: {p: mfu(mean[p][k], p, 1 if k in ("plain", "one_worker") else devices) for p in precisions}
+                for k in names},
         "memory_per_worker_bytes": {"zero0": memory[0]["memory_bytes"], "zero3": memory[3]["memory_bytes"]},
         "memory_ratio_zero3_over_zero0": ratio_mem,
         "memory_goal": 1 / opts.workers + 0.10,
@@ -318,20 +329,26 @@ def main() -> None:
           f"{opts.global_batch} x {opts.seq_len} tokens per step")
     gflops = {p: gemm["flops"][p] / 1e9 for p in precisions}
     print(f"(a) GEMM peak  fp32 {gflops['fp32']:.0f} GFLOP/s  bf16 {gflops['bf16']:.0f} GFLOP/s "
-          f"({gemm['torch_threads']} threads)")
+          f"({gemm['torch_threads']} threads); {opts.repeats} round(s), each ratio the mean of the rounds' ratios")
+
+    def rounds(key: str, p: str) -> str:
+        return "/".join(f"{r:.3f}" for r in results[key][p]["rounds"])
+
     for p in precisions:
-        print(f"    plain loop {p}: {plain[p]['tokens_per_s']:.0f} tokens/s, MFU {results['mfu']['plain'][p]:.1%}")
+        print(f"    plain loop {p}: {mean[p]['plain']:.0f} tokens/s, MFU {results['mfu']['plain'][p]:.1%}")
     for p in precisions:
         print(f"(b) {p}: torchrun {mean[p]['torchrun']:.0f}  Ray Train {mean[p]['ray_train']:.0f} tokens/s "
-              f"(MFU {results['mfu']['ray_train'][p]:.1%})  Ray/torchrun {results['ratio_ray_over_torchrun'][p]:.3f} "
-              f"(goal >= 0.97)  rayloop/plain {results['ratio_rayloop_over_plain'][p]:.3f}"
-              + ("  (goal >= 0.8)" if p == "bf16" else ""))
+              f"(MFU {results['mfu']['ray_train'][p]:.1%})  Ray/torchrun "
+              f"{results['ratio_ray_over_torchrun'][p]['mean']:.3f} ({rounds('ratio_ray_over_torchrun', p)}; "
+              f"goal >= 0.97)  rayloop/plain {results['ratio_rayloop_over_plain'][p]['mean']:.3f} "
+              f"({rounds('ratio_rayloop_over_plain', p)}" + ("; goal >= 0.8)" if p == "bf16" else ")"))
     print(f"    bf16 speed-up: plain {results['bf16_speedup']['plain']:.2f}x, rayloop "
-          f"{results['bf16_speedup']['rayloop']:.2f}x; DeepSpeed's other bf16 form "
+          f"{results['bf16_speedup']['ray_train']:.2f}x; DeepSpeed's other bf16 form "
           f"({results['other_bf16_form_torchrun']['form']}) under torchrun: {other_form['tokens_per_s']:.0f} tokens/s")
-    for p, figure in results["layout_one_worker_all_cpus_tokens_per_s"].items():
-        print(f"(c) {p}: 1 Ray Train worker x {os.cpu_count()} CPUs, ZeRO-0 {figure:.0f} tokens/s "
-              f"(rayloop/plain {figure / plain[p]['tokens_per_s']:.3f}) vs {opts.workers} x 1 CPU, ZeRO-2 "
+    for p in results["ratio_one_worker_over_plain"]:
+        print(f"(c) {p}: 1 Ray Train worker x {os.cpu_count()} CPUs, ZeRO-0 {mean[p]['one_worker']:.0f} tokens/s "
+              f"(rayloop/plain {results['ratio_one_worker_over_plain'][p]['mean']:.3f}, "
+              f"{rounds('ratio_one_worker_over_plain', p)}) vs {opts.workers} x 1 CPU, ZeRO-2 "
               f"{mean[p]['ray_train']:.0f}")
     print(f"(d) params+optimizer per worker  ZeRO-0 {memory[0]['memory_bytes'] / 2**20:.1f} MiB  "
           f"ZeRO-3 {memory[3]['memory_bytes'] / 2**20:.1f} MiB  ratio {ratio_mem:.3f} "
