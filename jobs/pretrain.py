@@ -70,11 +70,11 @@ class PretrainConfig(JobConfig):
         return self.train.global_batch_size // (self.scaling.num_workers * self.train.grad_accum)
 
 
-def _mean_over_workers(value: float) -> float:
+def _mean_over_workers(value: float, device) -> float:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
@@ -90,7 +90,7 @@ def evaluate(engine, blocks, micro_batch_size: int) -> float:
             batch = blocks[i: i + micro_batch_size].to(engine.device)
             losses.append(engine(input_ids=batch, labels=batch).loss.float().item())
     engine.train()
-    return _mean_over_workers(sum(losses) / len(losses))
+    return _mean_over_workers(sum(losses) / len(losses), engine.device)
 
 
 def batch_at(blocks, position: int, micro: int, seed: int):
@@ -177,7 +177,7 @@ def train_loop(loop_config: dict) -> None:
         metrics = {"step": step}
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             # The only host sync of the loss: on a GPU, an .item() every step would stall the pipeline.
-            metrics |= {"loss": _mean_over_workers(loss.item()), "lr": engine.get_lr()[0],
+            metrics |= {"loss": _mean_over_workers(loss.item(), engine.device), "lr": engine.get_lr()[0],
                         "tokens_per_s": tokens / (time.perf_counter() - started)}
             # DeepSpeed keeps the norm only where a ZeRO optimizer computes it.
             if (grad_norm := engine.get_global_grad_norm()) is not None:
