@@ -58,6 +58,22 @@ def test_workers_agree_on_fp32_when_one_lacks_bf16(monkeypatch):
     assert precision.agreed("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX")
 
 
+def test_a_forced_precision_calls_no_collective(monkeypatch):
+    """Ranks that skip the gather together cannot deadlock; each must skip it on the config alone."""
+    import torch.distributed as dist
+
+    def no_collective(*args):
+        raise AssertionError("all_gather_object called for a forced precision")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", no_collective)
+    assert precision.agreed("bf16", use_gpu=False) == ("bf16", "deepspeed.precision=bf16")
+    assert precision.agreed("fp32", use_gpu=True) == ("fp32", "deepspeed.precision=fp32")
+    with pytest.raises(AssertionError, match="all_gather_object"):
+        precision.agreed("auto", use_gpu=False)
+
+
 def test_the_message_names_the_choice_and_the_switch():
     line = precision.describe("fp32", "auto: CPU without AVX512-BF16 or AMX", autocast=True)
     assert line == ("training in fp32, auto: CPU without AVX512-BF16 or AMX "
