@@ -9,9 +9,10 @@ gradient clipping and an AdamW step; tokens/s over the steps after `--warmup`.
     under `torch.autocast(bfloat16)`; and a GEMM peak (2048x2048 matmul, fp32 and bf16) measured on the spot,
     against which every figure's MFU (6 x parameters x tokens/s, attention ignored) is given.
 (b) rayloop's loop (jobs.pretrain's batch order, DeepSpeed ZeRO-2 engine from rayloop.train.deepspeed_config) under
-    Ray Train and under torchrun, same worker count, runs interleaved (torchrun, Ray, ...) so drift on a shared
-    machine hits both: in fp32 and in bf16 as rayloop applies it (autocast on CPUs, DeepSpeed's bf16 mode on GPUs),
-    plus DeepSpeed's other bf16 form under torchrun (bf16 weights on a CPU, autocast on a GPU).
+    Ray Train and under torchrun, same worker count. Each of `--repeats` rounds runs the plain loop, torchrun, Ray
+    Train and (c) once per precision, and each ratio is the mean of the rounds' own ratios, so drift on a shared
+    machine hits both sides of one. In fp32 and in bf16 as rayloop applies it (autocast on CPUs, DeepSpeed's bf16
+    mode on GPUs), plus DeepSpeed's other bf16 form under torchrun (bf16 weights on a CPU, autocast on a GPU).
     Goals: Ray Train / torchrun >= 0.97; rayloop bf16 / plain bf16 >= 0.8 where the machine computes bf16 natively.
 (c) Worker layout: one Ray Train worker holding every CPU (torch threads = CPUs; ZeRO-0, as one worker has nothing
     to shard) against one worker per CPU.
@@ -243,7 +244,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved torchrun/Ray Train rounds")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds, each of every figure but the GEMM and (d)")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pretrain.json"))
     opts = parser.parse_args()
@@ -279,6 +280,7 @@ def main() -> None:
                 # buffers).
                 result = run_ray({**args, "precision": p, "zero": 0}, 1, cpus_per_worker=os.cpu_count())
                 runs[p]["one_worker"].append(result["tokens_per_s"])
+                threads["one_worker"] = result["torch_threads"]
     other_form = run_torchrun({**args, "precision": "bf16", "other_bf16_form": True}, opts.workers)
     memory = {z: run_torchrun({**args, "precision": "fp32", "zero": z, "steps": 1, "warmup": 1}, opts.workers)
               for z in (0, 3)}
@@ -342,7 +344,7 @@ def main() -> None:
               f"{results['ratio_ray_over_torchrun'][p]['mean']:.3f} ({rounds('ratio_ray_over_torchrun', p)}; "
               f"goal >= 0.97)  rayloop/plain {results['ratio_rayloop_over_plain'][p]['mean']:.3f} "
               f"({rounds('ratio_rayloop_over_plain', p)}" + ("; goal >= 0.8)" if p == "bf16" else ")"))
-    print(f"    bf16 speed-up: plain {results['bf16_speedup']['plain']:.2f}x, rayloop "
+    print(f"    bf16 speed-up (means): plain {results['bf16_speedup']['plain']:.2f}x, rayloop "
           f"{results['bf16_speedup']['ray_train']:.2f}x; DeepSpeed's other bf16 form "
           f"({results['other_bf16_form_torchrun']['form']}) under torchrun: {other_form['tokens_per_s']:.0f} tokens/s")
     for p in results["ratio_one_worker_over_plain"]:
