@@ -295,12 +295,10 @@ def main() -> None:
 
     mean = {p: {k: sum(v) / len(v) for k, v in runs[p].items()} for p in precisions}
 
-    def ratios(p: str, over: str, under: str, scale: float = 1.0) -> list[float]:
-        """The ratio within each round (runs minutes apart), not the ratio of means."""
-        return [a / scale / b for a, b in zip(runs[p][over], runs[p][under])]
-
     def round_ratios(over: str, under: str, scale: float = 1.0) -> dict:
-        return {p: {"mean": sum(r := ratios(p, over, under, scale)) / len(r), "rounds": r} for p in precisions}
+        """Per precision, the ratio within each round (runs minutes apart) and their mean, not a ratio of means."""
+        rounds = {p: [a / scale / b for a, b in zip(runs[p][over], runs[p][under])] for p in precisions}
+        return {p: {"mean": sum(r) / len(r), "rounds": r} for p, r in rounds.items()}
 
     ratio_mem = memory[3]["memory_bytes"] / memory[0]["memory_bytes"]
     results = {
