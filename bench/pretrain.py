@@ -14,8 +14,9 @@ gradient clipping and an AdamW step; tokens/s over the steps after `--warmup`.
     machine hits both sides of one. In fp32 and in bf16 as rayloop applies it (autocast on CPUs, DeepSpeed's bf16
     mode on GPUs), plus DeepSpeed's other bf16 form under torchrun (bf16 weights on a CPU, autocast on a GPU).
     Goals: Ray Train / torchrun >= 0.97; rayloop bf16 / plain bf16 >= 0.8 where the machine computes bf16 natively.
-(c) Worker layout: one Ray Train worker holding every CPU (torch threads = CPUs; ZeRO-0, as one worker has nothing
-    to shard) against one worker per CPU.
+(c) Worker layout and ZeRO stage on CPUs: one Ray Train worker holding every CPU (torch threads = CPUs; ZeRO-0, as
+    one worker has nothing to shard), and the workers of (b) with ZeRO-0 (each all-reduces the gradients and steps
+    the whole model) against (b)'s ZeRO-2.
 (d) Bytes per worker of parameters + optimizer state after one step, ZeRO-0 vs ZeRO-3 (goal: <= 1/N + 10%).
 Figures go to bench/results/pretrain.json and are printed.
 """
@@ -66,7 +67,8 @@ def _plain_loop(args: dict) -> dict:
     model, tokenizer = load_model(args["model_dir"])
     model.to(device).train()
     blocks = _blocks(args, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    # torch's fused kernel, the fastest AdamW it has on CPUs and GPUs (rayloop steps the same one on CPUs).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
 
     def step(i):
         batch = batch_at(blocks, i, args["global_batch"], 0).to(device)
@@ -263,7 +265,7 @@ def main() -> None:
     gemm = run_alone("gemm", args)
     # Every round measures each figure once, the plain loop and the one-worker layout too, so each ratio is taken
     # between runs minutes apart: on a shared machine one process's speed drifts by 10-20% within the hour.
-    names = ("plain", "torchrun", "ray_train") + (() if opts.gpu else ("one_worker",))
+    names = ("plain", "torchrun", "ray_train") + (() if opts.gpu else ("one_worker", "ray_train_zero0"))
     runs: dict = {p: {name: [] for name in names} for p in precisions}
     threads = {}
     for _ in range(opts.repeats):
@@ -281,6 +283,9 @@ def main() -> None:
                 result = run_ray({**args, "precision": p, "zero": 0}, 1, cpus_per_worker=os.cpu_count())
                 runs[p]["one_worker"].append(result["tokens_per_s"])
                 threads["one_worker"] = result["torch_threads"]
+                result = run_ray({**args, "precision": p, "zero": 0}, opts.workers)
+                runs[p]["ray_train_zero0"].append(result["tokens_per_s"])
+                threads["ray_train_zero0"] = result["torch_threads"]
     other_form = run_torchrun({**args, "precision": "bf16", "other_bf16_form": True}, opts.workers)
     memory = {z: run_torchrun({**args, "precision": "fp32", "zero": z, "steps": 1, "warmup": 1}, opts.workers)
               for z in (0, 3)}
@@ -312,6 +317,7 @@ def main() -> None:
         "ratio_ray_over_torchrun": round_ratios("ray_train", "torchrun"),
         "ratio_rayloop_over_plain": round_ratios("ray_train", "plain", devices),
         "ratio_one_worker_over_plain": {} if opts.gpu else round_ratios("one_worker", "plain"),
+        "ratio_zero0_over_plain": {} if opts.gpu else round_ratios("ray_train_zero0", "plain"),
         "bf16_speedup": {k: mean["bf16"][k] / mean["fp32"][k] for k in names},
         "other_bf16_form_torchrun": {"form": "autocast" if opts.gpu else "bf16 weights",
                                      "tokens_per_s": other_form["tokens_per_s"],
@@ -348,8 +354,9 @@ def main() -> None:
     for p in results["ratio_one_worker_over_plain"]:
         print(f"(c) {p}: 1 Ray Train worker x {os.cpu_count()} CPUs, ZeRO-0 {mean[p]['one_worker']:.0f} tokens/s "
               f"(rayloop/plain {results['ratio_one_worker_over_plain'][p]['mean']:.3f}, "
-              f"{rounds('ratio_one_worker_over_plain', p)}) vs {opts.workers} x 1 CPU, ZeRO-2 "
-              f"{mean[p]['ray_train']:.0f}")
+              f"{rounds('ratio_one_worker_over_plain', p)}); {opts.workers} x 1 CPU, ZeRO-0 "
+              f"{mean[p]['ray_train_zero0']:.0f} (rayloop/plain {results['ratio_zero0_over_plain'][p]['mean']:.3f}, "
+              f"{rounds('ratio_zero0_over_plain', p)}); ZeRO-2 {mean[p]['ray_train']:.0f}")
     print(f"(d) params+optimizer per worker  ZeRO-0 {memory[0]['memory_bytes'] / 2**20:.1f} MiB  "
           f"ZeRO-3 {memory[3]['memory_bytes'] / 2**20:.1f} MiB  ratio {ratio_mem:.3f} "
           f"(goal <= {results['memory_goal']:.2f})")

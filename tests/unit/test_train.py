@@ -57,6 +57,21 @@ def test_bf16_is_deepspeeds_bf16_mode_on_gpus_and_autocast_on_cpus():
     assert "torch_autocast" not in hf_deepspeed_config(DeepSpeedSection(), use_gpu=True, precision="bf16")
 
 
+def test_cpu_workers_step_torchs_fused_adamw():
+    """DeepSpeed builds torch's AdamW from the config's params, so `fused` must reach the optimizer it creates."""
+    import deepspeed
+
+    from rayloop.train import hf_deepspeed_config
+
+    assert "fused" not in _config(use_gpu=True)["optimizer"]["params"]  # DeepSpeed's FusedAdam takes no such key
+    assert hf_deepspeed_config(DeepSpeedSection(), use_gpu=False, precision="fp32")["optimizer"]["params"]["fused"]
+    engine = deepspeed.DeepSpeedEngine.__new__(deepspeed.DeepSpeedEngine)
+    optimizer_class, kwargs = engine.get_optimizer_configuration(dict(_config()["optimizer"]["params"]), True)
+    params = {k: v for k, v in _config()["optimizer"]["params"].items() if k != "torch_adam"}
+    optimizer = optimizer_class([torch.nn.Parameter(torch.ones(3))], **params, **kwargs)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+
+
 def test_shards_are_disjoint_equal_and_cover():
     blocks = torch.arange(11).view(11, 1)
     shards = [shard_blocks(blocks, r, 3) for r in range(3)]
