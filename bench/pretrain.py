@@ -67,7 +67,8 @@ def _plain_loop(args: dict) -> dict:
     model, tokenizer = load_model(args["model_dir"])
     model.to(device).train()
     blocks = _blocks(args, tokenizer)
-    # torch's fused kernel, the fastest AdamW it has on CPUs and GPUs (rayloop steps the same one on CPUs).
+    # torch's fused kernel, the fastest AdamW it has on CPUs and GPUs (rayloop steps it on CPUs; DeepSpeed's
+    # FusedAdam on GPUs).
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
 
     def step(i):

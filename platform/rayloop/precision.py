@@ -3,8 +3,8 @@
 `deepspeed.precision: auto` picks bf16 on a GPU that supports it and on a CPU with native bf16 instructions
 (AVX512-BF16 or AMX on x86, the BF16 extension on Arm), fp32 elsewhere. A CPU without them still runs bf16, but
 emulated, and slower than fp32: on 2 threads of an AVX-512 Xeon without AVX512-BF16 a 2048x2048 GEMM ran at
-315 GFLOP/s in fp32 and 62 in bf16 (bench/pretrain.py), where a Xeon with AMX ran 210-292 and 709-1079
-(three runs on two days).
+315 GFLOP/s in fp32 and 62 in bf16 (bench/pretrain.py), where a Xeon with AMX ran 207-292 and 646-1079
+(four runs on two days).
 `bf16`/`fp32` force either.
 
 Each worker looks at its own device and the group takes the lowest: every rank must train in one format, and the

@@ -26,6 +26,39 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _merge_overrides(config: dict, overrides: dict) -> dict:
+    """`config` with `deepspeed.overrides` merged in, dropping the AdamW keys of ours that another optimizer would
+    refuse: `fused` once an override turns `torch_adam` off (DeepSpeed's own Adams, CPUAdam included, take no such
+    argument), both once it names another optimizer type."""
+    merged = _merge(config, overrides)
+    optimizer = merged.get("optimizer", {})
+    params = dict(optimizer.get("params", {}))
+    if optimizer.get("type") not in ("Adam", "AdamW"):
+        params.pop("torch_adam", None)
+    if not params.get("torch_adam"):
+        params.pop("fused", None)
+    if optimizer:
+        merged["optimizer"] = {**optimizer, "params": params}
+    return merged
+
+
+def restore_fused_adamw(optimizer) -> None:
+    """Step the AdamW kernel the optimizer was built with after a checkpoint was loaded into it: torch's
+    `load_state_dict` replaces every param group with the saved one, `fused` included, so a run resumed from a
+    checkpoint written without the fused kernel would go back to the per-tensor loop. `optimizer` may be the
+    wrapper DeepSpeed or accelerate hand out; the torch optimizer inside is found through `.optimizer`."""
+    import torch
+
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and optimizer.defaults.get("fused"):
+            for group in optimizer.param_groups:
+                group["fused"] = True
+            return
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
 def zero_section(ds: DeepSpeedSection, use_gpu: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -40,7 +73,8 @@ def zero_section(ds: DeepSpeedSection, use_gpu: bool) -> dict[str, Any]:
 
 def torch_adamw_params(use_gpu: bool) -> dict[str, Any]:
     """DeepSpeed `optimizer.params` keys choosing the AdamW implementation: DeepSpeed's FusedAdam on GPUs; on CPUs,
-    torch's AdamW (FusedAdam needs CUDA) with its fused CPU kernel. torch leaves that kernel off by default and
+    torch's AdamW (FusedAdam needs CUDA) with its fused CPU kernel, which needs no build step (DeepSpeed's CPUAdam,
+    the offload optimizer, compiles an extension on first use; an override of `torch_adam: false` picks it). torch leaves that kernel off by default and
     steps each tensor in a Python loop: on one thread the `small` preset's (25.5M parameters) AdamW step took
     ~200 ms that way and ~65 ms fused, a fifth of a two-worker training step (bench/pretrain.py)."""
     return {"torch_adam": False} if use_gpu else {"torch_adam": True, "fused": True}
@@ -70,7 +104,7 @@ def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str) 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, ds.overrides)
+    return _merge_overrides(config, ds.overrides)
 
 
 def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_size: int, grad_accum: int,
@@ -107,7 +141,7 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_s
         "steps_per_print": 10**9,  # progress goes to the bar and TensorBoard, not DeepSpeed's log lines
         "wall_clock_breakdown": False,
     }
-    return _merge(config, ds.overrides)
+    return _merge_overrides(config, ds.overrides)
 
 
 def worker_nodes() -> list[str]:
@@ -246,5 +280,6 @@ def restore_checkpoint(engine) -> dict[str, Any] | None:
         return None
     with checkpoint.as_directory() as folder:
         engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
+        restore_fused_adamw(engine.optimizer)
         with open(os.path.join(folder, "trainer_state.json")) as f:
             return json.load(f)

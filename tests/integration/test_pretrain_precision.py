@@ -21,7 +21,7 @@ TRAIN = textwrap.dedent("""
     from rayloop.models import create_model_folder, load_model
     from rayloop.precision import logits_in_fp32
     from rayloop.tasks import ArithmeticTask
-    from rayloop.train import deepspeed_config
+    from rayloop.train import deepspeed_config, restore_fused_adamw
 
     torch.distributed.init_process_group("gloo")
     task = ArithmeticTask()
@@ -45,7 +45,19 @@ TRAIN = textwrap.dedent("""
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+    # A checkpoint written by torch's per-tensor AdamW, loaded into this engine as a resume does.
+    adamw = engine.optimizer.optimizer  # ZeRO-2's torch optimizer
+    fused_while_training = [group["fused"] for group in adamw.param_groups]
+    for group in adamw.param_groups:
+        group["fused"] = None
+    engine.save_checkpoint(sys.argv[3] + "-checkpoint", tag="state")
+    for group in adamw.param_groups:
+        group["fused"] = True
+    engine.load_checkpoint(sys.argv[3] + "-checkpoint", tag="state")
+    fused_as_loaded = [group["fused"] for group in adamw.param_groups]
+    restore_fused_adamw(engine.optimizer)
     print(json.dumps({{"losses": losses, "matmul_dtypes": sorted(matmul_dtypes),
+                      "fused": [fused_while_training, fused_as_loaded, [g["fused"] for g in adamw.param_groups]],
                       "logits_dtypes": sorted(logits_dtypes),
                       "zero_stage": engine.zero_optimization_stage(),
                       "loss_dtype": str(loss.dtype),
@@ -78,5 +90,7 @@ def test_bf16_on_a_cpu_multiplies_in_bf16_keeps_fp32_weights_and_learns_as_fp32_
     assert bf16["param_dtypes"] == ["torch.float32"] and bf16["loss_dtype"] == "torch.float32"
     first, last = bf16["losses"][0], sum(bf16["losses"][-5:]) / 5
     assert last < 0.7 * first, bf16["losses"]
+    # torch's fused AdamW kernel steps the model, and still does after a resume from a checkpoint that did not.
+    assert fp32["fused"] == bf16["fused"] == [[True], [None], [True]]
     fp32_last = sum(fp32["losses"][-5:]) / 5
     assert abs(last - fp32_last) < 0.05 * fp32_last, (fp32["losses"][-5:], bf16["losses"][-5:])

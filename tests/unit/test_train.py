@@ -57,19 +57,36 @@ def test_bf16_is_deepspeeds_bf16_mode_on_gpus_and_autocast_on_cpus():
     assert "torch_autocast" not in hf_deepspeed_config(DeepSpeedSection(), use_gpu=True, precision="bf16")
 
 
-def test_cpu_workers_step_torchs_fused_adamw():
-    """DeepSpeed builds torch's AdamW from the config's params, so `fused` must reach the optimizer it creates."""
-    import deepspeed
+def test_an_override_of_the_optimizer_drops_the_keys_it_would_refuse():
+    def params(overrides):
+        return _config(DeepSpeedSection(zero_stage=2, offload_optimizer=True,
+                                        overrides=overrides))["optimizer"]["params"]
 
-    from rayloop.train import hf_deepspeed_config
+    assert params({})["fused"] is True and params({})["torch_adam"] is True
+    # DeepSpeed's CPUAdam (offload) takes no `fused`; another optimizer type takes neither key.
+    assert "fused" not in params({"optimizer": {"params": {"torch_adam": False}}})
+    lamb = params({"optimizer": {"type": "Lamb"}})
+    assert "fused" not in lamb and "torch_adam" not in lamb and lamb["lr"] == 1e-3
+    assert "fused" not in _config(use_gpu=True)["optimizer"]["params"]  # DeepSpeed's FusedAdam
 
-    assert "fused" not in _config(use_gpu=True)["optimizer"]["params"]  # DeepSpeed's FusedAdam takes no such key
-    assert hf_deepspeed_config(DeepSpeedSection(), use_gpu=False, precision="fp32")["optimizer"]["params"]["fused"]
-    engine = deepspeed.DeepSpeedEngine.__new__(deepspeed.DeepSpeedEngine)
-    optimizer_class, kwargs = engine.get_optimizer_configuration(dict(_config()["optimizer"]["params"]), True)
-    params = {k: v for k, v in _config()["optimizer"]["params"].items() if k != "torch_adam"}
-    optimizer = optimizer_class([torch.nn.Parameter(torch.ones(3))], **params, **kwargs)
-    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+
+def test_a_loaded_checkpoint_keeps_the_fused_adamw_kernel():
+    from types import SimpleNamespace
+
+    from rayloop.train import restore_fused_adamw
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    per_tensor = torch.optim.AdamW([weight], lr=0.1)  # what a checkpoint from torch's default AdamW holds
+    weight.grad = torch.ones(3)
+    per_tensor.step()
+    fused = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    fused.load_state_dict(per_tensor.state_dict())
+    assert fused.param_groups[0]["fused"] is None  # torch replaced the group with the saved one
+    restore_fused_adamw(SimpleNamespace(optimizer=SimpleNamespace(optimizer=fused)))  # as DeepSpeed wraps it
+    assert fused.param_groups[0]["fused"] is True
+    before = weight.detach().clone()
+    fused.step()
+    assert not torch.equal(weight.detach(), before)
 
 
 def test_shards_are_disjoint_equal_and_cover():
