@@ -4,7 +4,8 @@
     .venv/bin/python bench/pretrain.py --preset 125m --gpu  # a GPU machine (one GPU per worker)
 
 Same model, batch order and tokens per optimizer step (global batch x seq_len) everywhere; forward, backward,
-gradient clipping and an AdamW step; tokens/s over the steps after `--warmup`.
+gradient clipping and an AdamW step (torch's fused kernel on both sides unless `--adamw default`); tokens/s over the
+steps after `--warmup`.
 (a) The machine's practical limit, one process using every core (or one GPU): a plain PyTorch loop, in fp32 and
     under `torch.autocast(bfloat16)`; and a GEMM peak (2048x2048 matmul, fp32 and bf16) measured on the spot,
     against which every figure's MFU (6 x parameters x tokens/s, attention ignored) is given.
@@ -67,9 +68,9 @@ def _plain_loop(args: dict) -> dict:
     model, tokenizer = load_model(args["model_dir"])
     model.to(device).train()
     blocks = _blocks(args, tokenizer)
-    # torch's fused kernel, the fastest AdamW it has on CPUs and GPUs (rayloop steps it on CPUs; DeepSpeed's
-    # FusedAdam on GPUs).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    # `--adamw fused`: torch's fused kernel, the fastest AdamW it has on CPUs and GPUs.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0,
+                                  fused=args["adamw"] == "fused" or None)
 
     def step(i):
         batch = batch_at(blocks, i, args["global_batch"], 0).to(device)
@@ -121,7 +122,9 @@ def _step_loop(args: dict, rank: int, world: int, report=None) -> dict:
     model, tokenizer = load_model(args["model_dir"])
     blocks = shard_blocks(_blocks(args, tokenizer), rank, world)
     micro = args["global_batch"] // world
-    config = deepspeed_config(DeepSpeedSection(zero_stage=args["zero"]), OptimSection(lr=1e-3),
+    # On CPUs the fused kernel is an override in rayloop (rayloop/train.py says why); GPUs step DeepSpeed's FusedAdam.
+    fused = {"optimizer": {"params": {"fused": True}}} if args["adamw"] == "fused" and not args["gpu"] else {}
+    config = deepspeed_config(DeepSpeedSection(zero_stage=args["zero"], overrides=fused), OptimSection(lr=1e-3),
                               micro_batch_size=micro, grad_accum=1, world_size=world,
                               total_steps=args["warmup"] + args["steps"], use_gpu=args["gpu"],
                               precision=args["precision"])
@@ -249,6 +252,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="rounds, each of every figure but the GEMM and (d)")
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--adamw", choices=("fused", "default"), default="fused",
+                        help="torch's AdamW kernel on both sides: fused, or its default per-tensor loop")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pretrain.json"))
     opts = parser.parse_args()
 
@@ -259,7 +264,7 @@ def main() -> None:
     model_dir = tempfile.mkdtemp(prefix="bench-model-")
     create_model_folder(opts.preset, ArithmeticTask().pretrain_corpus(), model_dir)
     args = {"model_dir": model_dir, "seq_len": opts.seq_len, "global_batch": opts.global_batch, "zero": 2,
-            "warmup": opts.warmup, "steps": opts.steps, "gpu": opts.gpu}
+            "warmup": opts.warmup, "steps": opts.steps, "gpu": opts.gpu, "adamw": opts.adamw}
     precisions = ("fp32", "bf16")
     native, device = device_bf16(opts.gpu)
 
@@ -311,7 +316,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPUs" + (", GPU" if opts.gpu else ", no GPU") + f"; {device}",
         "native_bf16": native,
         "preset": opts.preset, "parameters": n_params, "workers": opts.workers, "seq_len": opts.seq_len,
-        "global_batch": opts.global_batch, "timed_steps": opts.steps, "zero_stage": 2,
+        "global_batch": opts.global_batch, "timed_steps": opts.steps, "zero_stage": 2, "adamw": opts.adamw,
         "gemm_peak_flops": gemm["flops"], "gemm_torch_threads": gemm["torch_threads"],
         "tokens_per_s": runs,
         "torch_threads_per_process": threads,

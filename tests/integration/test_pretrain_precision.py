@@ -34,7 +34,8 @@ TRAIN = textwrap.dedent("""
     model.lm_head.register_forward_hook(lambda m, i, out: logits_dtypes.add(str(out.dtype)))
     if sys.argv[1] == "bf16":
         logits_in_fp32(model)  # as the jobs do under CPU autocast
-    config = deepspeed_config(DeepSpeedSection(zero_stage=2), OptimSection(lr=5e-3, warmup_steps=5),
+    fused = {{"optimizer": {{"params": {{"fused": True}}}}}}  # torch's fused AdamW kernel, chosen by an override
+    config = deepspeed_config(DeepSpeedSection(zero_stage=2, overrides=fused), OptimSection(lr=5e-3, warmup_steps=5),
                               micro_batch_size=16, grad_accum=1, world_size=1, total_steps=30, use_gpu=False,
                               precision=sys.argv[1])
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -90,7 +91,8 @@ def test_bf16_on_a_cpu_multiplies_in_bf16_keeps_fp32_weights_and_learns_as_fp32_
     assert bf16["param_dtypes"] == ["torch.float32"] and bf16["loss_dtype"] == "torch.float32"
     first, last = bf16["losses"][0], sum(bf16["losses"][-5:]) / 5
     assert last < 0.7 * first, bf16["losses"]
-    # torch's fused AdamW kernel steps the model, and still does after a resume from a checkpoint that did not.
+    # The fused AdamW kernel an override chose steps the model, and still does after a resume from a checkpoint
+    # that did not.
     assert fp32["fused"] == bf16["fused"] == [[True], [None], [True]]
     fp32_last = sum(fp32["losses"][-5:]) / 5
     assert abs(last - fp32_last) < 0.05 * fp32_last, (fp32["losses"][-5:], bf16["losses"][-5:])

@@ -62,10 +62,11 @@ def test_an_override_of_the_optimizer_drops_the_keys_it_would_refuse():
         return _config(DeepSpeedSection(zero_stage=2, offload_optimizer=True,
                                         overrides=overrides))["optimizer"]["params"]
 
-    assert params({})["fused"] is True and params({})["torch_adam"] is True
+    fused = {"optimizer": {"params": {"fused": True}}}
+    assert params(fused)["fused"] is True and params(fused)["torch_adam"] is True
     # DeepSpeed's CPUAdam (offload) takes no `fused`; another optimizer type takes neither key.
-    assert "fused" not in params({"optimizer": {"params": {"torch_adam": False}}})
-    lamb = params({"optimizer": {"type": "Lamb"}})
+    assert "fused" not in params({"optimizer": {"params": {"torch_adam": False, "fused": True}}})
+    lamb = params({"optimizer": {"type": "Lamb", "params": {"fused": True}}})
     assert "fused" not in lamb and "torch_adam" not in lamb and lamb["lr"] == 1e-3
     assert "fused" not in _config(use_gpu=True)["optimizer"]["params"]  # DeepSpeed's FusedAdam
 
