@@ -4,8 +4,9 @@
     .venv/bin/python bench/pretrain.py --preset 125m --gpu  # a GPU machine (one GPU per worker)
 
 Same model, batch order and tokens per optimizer step (global batch x seq_len) everywhere; forward, backward,
-gradient clipping and an AdamW step (torch's fused kernel on both sides unless `--adamw default`); tokens/s over the
-steps after `--warmup`.
+gradient clipping and an AdamW step; tokens/s over the steps after `--warmup`. On CPUs both sides step torch's fused
+AdamW kernel (an override in rayloop, whose default is torch's per-tensor loop) unless `--adamw default`; on GPUs
+rayloop steps DeepSpeed's FusedAdam and `--adamw` sets the plain loop's only.
 (a) The machine's practical limit, one process using every core (or one GPU): a plain PyTorch loop, in fp32 and
     under `torch.autocast(bfloat16)`; and a GEMM peak (2048x2048 matmul, fp32 and bf16) measured on the spot,
     against which every figure's MFU (6 x parameters x tokens/s, attention ignored) is given.
@@ -253,7 +254,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds, each of every figure but the GEMM and (d)")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--adamw", choices=("fused", "default"), default="fused",
-                        help="torch's AdamW kernel on both sides: fused, or its default per-tensor loop")
+                        help="torch's AdamW kernel on both sides on CPUs (the plain loop's only on GPUs): fused, "
+                             "or torch's default")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "pretrain.json"))
     opts = parser.parse_args()
 

@@ -391,9 +391,9 @@ def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool, progress):
         def on_train_begin(self, args, state, control, **kwargs):
             # The Trainer has restored its state by now: global_step is where this attempt starts.
             state.log_history.append({"resumed_from_step": state.global_step, "step": state.global_step})
-            from rayloop.train import restore_fused_adamw
+            from rayloop.train import restore_adamw_kernel
 
-            restore_fused_adamw(kwargs.get("optimizer"))  # the optimizer state is loaded by now too
+            restore_adamw_kernel(kwargs.get("optimizer"))  # the optimizer state is loaded by now too
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_started = time.perf_counter()

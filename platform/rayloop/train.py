@@ -33,7 +33,7 @@ def _merge_overrides(config: dict, overrides: dict) -> dict:
     merged = _merge(config, overrides)
     optimizer = merged.get("optimizer", {})
     params = dict(optimizer.get("params", {}))
-    if optimizer.get("type") not in ("Adam", "AdamW"):
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):  # DeepSpeed lower-cases the type too
         params.pop("torch_adam", None)
     if not params.get("torch_adam"):
         params.pop("fused", None)
@@ -42,19 +42,19 @@ def _merge_overrides(config: dict, overrides: dict) -> dict:
     return merged
 
 
-def restore_fused_adamw(optimizer) -> None:
-    """Step the AdamW kernel the optimizer was built with after a checkpoint was loaded into it: torch's
-    `load_state_dict` replaces every param group with the saved one, `fused` included, so a run resumed from a
-    checkpoint written without the fused kernel would go back to the per-tensor loop. `optimizer` may be the
-    wrapper DeepSpeed or accelerate hand out; the torch optimizer inside is found through `.optimizer`."""
+def restore_adamw_kernel(optimizer) -> None:
+    """Step the Adam kernel the optimizer was built with (this run's config) after a checkpoint was loaded into it:
+    torch's `load_state_dict` replaces every param group with the saved one, `fused` included, so a resumed run
+    would otherwise step the kernel of the run that wrote the checkpoint. `optimizer` may be the wrapper DeepSpeed
+    or accelerate hand out; the torch optimizer inside is found through `.optimizer`."""
     import torch
 
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
         seen.add(id(optimizer))
-        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and optimizer.defaults.get("fused"):
+        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
             for group in optimizer.param_groups:
-                group["fused"] = True
+                group["fused"] = optimizer.defaults.get("fused")
             return
         optimizer = getattr(optimizer, "optimizer", None)
 
@@ -284,6 +284,6 @@ def restore_checkpoint(engine) -> dict[str, Any] | None:
         return None
     with checkpoint.as_directory() as folder:
         engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state")
-        restore_fused_adamw(engine.optimizer)  # where an override chose the fused kernel
+        restore_adamw_kernel(engine.optimizer)  # where an override chose the fused kernel
         with open(os.path.join(folder, "trainer_state.json")) as f:
             return json.load(f)

@@ -21,7 +21,7 @@ TRAIN = textwrap.dedent("""
     from rayloop.models import create_model_folder, load_model
     from rayloop.precision import logits_in_fp32
     from rayloop.tasks import ArithmeticTask
-    from rayloop.train import deepspeed_config, restore_fused_adamw
+    from rayloop.train import deepspeed_config, restore_adamw_kernel
 
     torch.distributed.init_process_group("gloo")
     task = ArithmeticTask()
@@ -56,7 +56,7 @@ TRAIN = textwrap.dedent("""
         group["fused"] = True
     engine.load_checkpoint(sys.argv[3] + "-checkpoint", tag="state")
     fused_as_loaded = [group["fused"] for group in adamw.param_groups]
-    restore_fused_adamw(engine.optimizer)
+    restore_adamw_kernel(engine.optimizer)
     print(json.dumps({{"losses": losses, "matmul_dtypes": sorted(matmul_dtypes),
                       "fused": [fused_while_training, fused_as_loaded, [g["fused"] for g in adamw.param_groups]],
                       "logits_dtypes": sorted(logits_dtypes),

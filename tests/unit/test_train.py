@@ -16,6 +16,7 @@ def test_deepspeed_keys_from_sections():
     assert cfg["train_batch_size"] == 16
     assert cfg["zero_optimization"] == {"stage": 2}
     assert cfg["optimizer"]["params"]["torch_adam"] is True  # CPU: no FusedAdam
+    assert "fused" not in cfg["optimizer"]["params"]  # torch's fused CPU kernel is an override (rayloop/train.py)
     assert cfg["scheduler"]["params"]["warmup_num_steps"] == 5
     assert cfg["bf16"]["enabled"] is False and "torch_autocast" not in cfg
 
@@ -54,6 +55,7 @@ def test_bf16_is_deepspeeds_bf16_mode_on_gpus_and_autocast_on_cpus():
     # The Trainer fills DeepSpeed's bf16 mode from its own `bf16` argument; the CPU's autocast is passed through.
     trainer_cpu = hf_deepspeed_config(DeepSpeedSection(), use_gpu=False, precision="bf16")
     assert trainer_cpu["bf16"] == {"enabled": "auto"} and trainer_cpu["torch_autocast"]["enabled"] is True
+    assert trainer_cpu["optimizer"]["params"]["torch_adam"] is True and "fused" not in trainer_cpu["optimizer"]["params"]
     assert "torch_autocast" not in hf_deepspeed_config(DeepSpeedSection(), use_gpu=True, precision="bf16")
 
 
@@ -66,15 +68,16 @@ def test_an_override_of_the_optimizer_drops_the_keys_it_would_refuse():
     assert params(fused)["fused"] is True and params(fused)["torch_adam"] is True
     # DeepSpeed's CPUAdam (offload) takes no `fused`; another optimizer type takes neither key.
     assert "fused" not in params({"optimizer": {"params": {"torch_adam": False, "fused": True}}})
+    assert params({"optimizer": {"type": "adamw", "params": {"fused": True}}})["fused"] is True
     lamb = params({"optimizer": {"type": "Lamb", "params": {"fused": True}}})
     assert "fused" not in lamb and "torch_adam" not in lamb and lamb["lr"] == 1e-3
     assert "fused" not in _config(use_gpu=True)["optimizer"]["params"]  # DeepSpeed's FusedAdam
 
 
-def test_a_loaded_checkpoint_keeps_the_fused_adamw_kernel():
+def test_a_loaded_checkpoint_keeps_the_kernel_this_run_chose():
     from types import SimpleNamespace
 
-    from rayloop.train import restore_fused_adamw
+    from rayloop.train import restore_adamw_kernel
 
     weight = torch.nn.Parameter(torch.ones(3))
     per_tensor = torch.optim.AdamW([weight], lr=0.1)  # what a checkpoint from torch's default AdamW holds
@@ -83,11 +86,17 @@ def test_a_loaded_checkpoint_keeps_the_fused_adamw_kernel():
     fused = torch.optim.AdamW([weight], lr=0.1, fused=True)
     fused.load_state_dict(per_tensor.state_dict())
     assert fused.param_groups[0]["fused"] is None  # torch replaced the group with the saved one
-    restore_fused_adamw(SimpleNamespace(optimizer=SimpleNamespace(optimizer=fused)))  # as DeepSpeed wraps it
+    restore_adamw_kernel(SimpleNamespace(optimizer=SimpleNamespace(optimizer=fused)))  # as DeepSpeed wraps it
     assert fused.param_groups[0]["fused"] is True
     before = weight.detach().clone()
     fused.step()
     assert not torch.equal(weight.detach(), before)
+    # And back: a run without the override resumed from a checkpoint written with it steps the default kernel.
+    per_tensor.load_state_dict(fused.state_dict())
+    assert per_tensor.param_groups[0]["fused"] is True
+    restore_adamw_kernel(per_tensor)
+    assert per_tensor.param_groups[0]["fused"] is None
+    per_tensor.step()
 
 
 def test_shards_are_disjoint_equal_and_cover():
