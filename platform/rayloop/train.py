@@ -29,13 +29,15 @@ def _merge(base: dict, over: dict) -> dict:
 def _merge_overrides(config: dict, overrides: dict) -> dict:
     """`config` with `deepspeed.overrides` merged in, dropping the AdamW keys of ours that another optimizer would
     refuse: `fused` once an override turns `torch_adam` off (DeepSpeed's own Adams, CPUAdam included, take no such
-    argument), both once it names another optimizer type."""
+    argument) or names Muon (whose auxiliary Adam takes `torch_adam` but not `fused`), both once it names any other
+    optimizer type."""
     merged = _merge(config, overrides)
     optimizer = merged.get("optimizer", {})
     params = dict(optimizer.get("params", {}))
-    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):  # DeepSpeed lower-cases the type too
+    kind = str(optimizer.get("type", "")).lower()  # DeepSpeed lower-cases the type too
+    if kind not in ("adam", "adamw", "muon"):
         params.pop("torch_adam", None)
-    if not params.get("torch_adam"):
+    if not params.get("torch_adam") or kind == "muon":
         params.pop("fused", None)
     if optimizer:
         merged["optimizer"] = {**optimizer, "params": params}
@@ -44,8 +46,8 @@ def _merge_overrides(config: dict, overrides: dict) -> dict:
 
 def restore_adamw_kernel(optimizer) -> None:
     """Step the Adam kernel the optimizer was built with (this run's config) after a checkpoint was loaded into it:
-    torch's `load_state_dict` replaces every param group with the saved one, `fused` included, so a resumed run
-    would otherwise step the kernel of the run that wrote the checkpoint. `optimizer` may be the wrapper DeepSpeed
+    torch's `load_state_dict` replaces every param group with the saved one, `fused` and `foreach` included, so a
+    resumed run would otherwise step the kernel of the run that wrote the checkpoint. `optimizer` may be the wrapper DeepSpeed
     or accelerate hand out; the torch optimizer inside is found through `.optimizer`."""
     import torch
 
@@ -55,6 +57,7 @@ def restore_adamw_kernel(optimizer) -> None:
         if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
             for group in optimizer.param_groups:
                 group["fused"] = optimizer.defaults.get("fused")
+                group["foreach"] = optimizer.defaults.get("foreach")
             return
         optimizer = getattr(optimizer, "optimizer", None)
 

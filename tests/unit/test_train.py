@@ -71,6 +71,9 @@ def test_an_override_of_the_optimizer_drops_the_keys_it_would_refuse():
     assert params({"optimizer": {"type": "adamw", "params": {"fused": True}}})["fused"] is True
     lamb = params({"optimizer": {"type": "Lamb", "params": {"fused": True}}})
     assert "fused" not in lamb and "torch_adam" not in lamb and lamb["lr"] == 1e-3
+    # DeepSpeed's Muon hands `torch_adam` to its auxiliary Adam (FusedAdam, which needs CUDA, otherwise).
+    muon = params({"optimizer": {"type": "Muon", "params": {"fused": True}}})
+    assert muon["torch_adam"] is True and "fused" not in muon
     assert "fused" not in _config(use_gpu=True)["optimizer"]["params"]  # DeepSpeed's FusedAdam
 
 
@@ -96,6 +99,12 @@ def test_a_loaded_checkpoint_keeps_the_kernel_this_run_chose():
     assert per_tensor.param_groups[0]["fused"] is True
     restore_adamw_kernel(per_tensor)
     assert per_tensor.param_groups[0]["fused"] is None
+    # The multi-tensor choice travels in the group the same way.
+    foreach = torch.optim.AdamW([weight], lr=0.1, foreach=True)
+    foreach.load_state_dict(per_tensor.state_dict())
+    assert foreach.param_groups[0]["foreach"] is None
+    restore_adamw_kernel(foreach)
+    assert foreach.param_groups[0]["foreach"] is True
     per_tensor.step()
 
 
