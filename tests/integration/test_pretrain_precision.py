@@ -34,8 +34,9 @@ TRAIN = textwrap.dedent("""
     model.lm_head.register_forward_hook(lambda m, i, out: logits_dtypes.add(str(out.dtype)))
     if sys.argv[1] == "bf16":
         logits_in_fp32(model)  # as the jobs do under CPU autocast
-    fused = {{"optimizer": {{"params": {{"fused": True}}}}}}  # torch's fused AdamW kernel, chosen by an override
-    config = deepspeed_config(DeepSpeedSection(zero_stage=2, overrides=fused), OptimSection(lr=5e-3, warmup_steps=5),
+    # torch's fused AdamW kernel is chosen by an override; the default config steps torch's per-tensor loop.
+    overrides = {{"optimizer": {{"params": {{"fused": True}}}}}} if sys.argv[4] == "fused" else {{}}
+    config = deepspeed_config(DeepSpeedSection(zero_stage=2, overrides=overrides), OptimSection(lr=5e-3, warmup_steps=5),
                               micro_batch_size=16, grad_accum=1, world_size=1, total_steps=30, use_gpu=False,
                               precision=sys.argv[1])
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -46,14 +47,14 @@ TRAIN = textwrap.dedent("""
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    # A checkpoint written by torch's per-tensor AdamW, loaded into this engine as a resume does.
+    # A checkpoint written by the other kernel, loaded into this engine as a resume does.
     adamw = engine.optimizer.optimizer  # ZeRO-2's torch optimizer
     fused_while_training = [group["fused"] for group in adamw.param_groups]
     for group in adamw.param_groups:
-        group["fused"] = None
+        group["fused"] = None if group["fused"] else True
     engine.save_checkpoint(sys.argv[3] + "-checkpoint", tag="state")
-    for group in adamw.param_groups:
-        group["fused"] = True
+    for group, fused in zip(adamw.param_groups, fused_while_training):
+        group["fused"] = fused
     engine.load_checkpoint(sys.argv[3] + "-checkpoint", tag="state")
     fused_as_loaded = [group["fused"] for group in adamw.param_groups]
     restore_adamw_kernel(engine.optimizer)
@@ -72,10 +73,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train(precision: str, tmp_path) -> dict:
+def train(precision: str, tmp_path, adamw: str = "default") -> dict:
     port = free_port()
     done = subprocess.run([sys.executable, "-c", TRAIN.format(root=str(ROOT)), precision, str(port),
-                           str(tmp_path / f"model-{precision}")], capture_output=True, text=True, timeout=300,
+                           str(tmp_path / f"model-{precision}-{adamw}"), adamw], capture_output=True, text=True,
+                          timeout=300,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -91,8 +93,11 @@ def test_bf16_on_a_cpu_multiplies_in_bf16_keeps_fp32_weights_and_learns_as_fp32_
     assert bf16["param_dtypes"] == ["torch.float32"] and bf16["loss_dtype"] == "torch.float32"
     first, last = bf16["losses"][0], sum(bf16["losses"][-5:]) / 5
     assert last < 0.7 * first, bf16["losses"]
-    # The fused AdamW kernel an override chose steps the model, and still does after a resume from a checkpoint
-    # that did not.
-    assert fp32["fused"] == bf16["fused"] == [[True], [None], [True]]
     fp32_last = sum(fp32["losses"][-5:]) / 5
     assert abs(last - fp32_last) < 0.05 * fp32_last, (fp32["losses"][-5:], bf16["losses"][-5:])
+    # Each run steps the AdamW kernel its own config chose, and still does after a resume from a checkpoint written
+    # by the other: torch's per-tensor loop by default, the fused kernel with the override.
+    assert fp32["fused"] == bf16["fused"] == [[None], [True], [None]]
+    fused = train("bf16", tmp_path, adamw="fused")
+    assert fused["fused"] == [[True], [None], [True]]
+    assert sum(fused["losses"][-5:]) / 5 < 0.7 * fused["losses"][0], fused["losses"]
