@@ -8,8 +8,14 @@ sits on a plateau of variable length followed by a steep climb, so a change of r
 fused AdamW) moves where the climb lands at the last step. Each variant trains TRL's SFTTrainer on the task's
 prompt/completion pairs from the same pretrained model with the same seed and data order, in one process on every
 core (no Ray, no DeepSpeed: the variants then differ only in their arithmetic), and measures greedy exact match on the
-1000 held-out problems every `--eval-every` steps. fp32 is the baseline in the same run. Figures go to
-bench/results/sft_plateau.json (one record per variant and recipe, appended) and are printed.
+1000 held-out problems every `--eval-every` steps and at the last. fp32 is the baseline, from the same start. Figures
+go to bench/results/sft_plateau.json (one record per variant and recipe, appended) and are printed.
+
+What it is not: the jobs' numbers. It scores each variant in its own precision (bf16 under autocast, which
+accelerate applies to the model's forward) with 5 new tokens, where the jobs score the saved fp32 weights with 8; its
+AdamW (the Trainer's) leaves norm weights undecayed, where DeepSpeed's decays every parameter; and it has no ZeRO-2
+gradient reduction, which under the jobs' CPU autocast runs in bf16 for the linear layers. TRL's defaults stand
+otherwise (gradient checkpointing on, which recomputes the forward). Compare its variants with one another.
 """
 
 from __future__ import annotations
@@ -49,7 +55,9 @@ def run(variant: str, args) -> dict:
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model)
     if bf16:
-        logits_in_fp32(model)  # as the jobs compute them under CPU autocast
+        # The held-out eval's logits in fp32, as pretraining computes them; TRL's training loss reads the output
+        # layer's weight itself, so this touches the eval only.
+        logits_in_fp32(model)
     prompts = tokenizer([e["prompt"] for e in held_out], return_tensors="pt", padding=True)
     curve: list[tuple[int, float]] = []
 
@@ -64,7 +72,7 @@ def run(variant: str, args) -> dict:
 
     class Measure(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
-            if state.global_step % args.eval_every == 0:
+            if state.global_step % args.eval_every == 0 or state.global_step == state.max_steps:
                 curve.append((state.global_step, round(exact_match(), 3)))
                 print(f"{variant}: step {state.global_step}, held-out exact match {curve[-1][1]:.3f}", flush=True)
 
@@ -83,7 +91,7 @@ def run(variant: str, args) -> dict:
     )
     started = time.perf_counter()
     trainer.train()
-    return {"variant": variant, "lr": args.lr, "weight_decay": args.weight_decay, "num_train": args.num_train,
+    return {"variant": variant, "model": args.model, "lr": args.lr, "weight_decay": args.weight_decay, "num_train": args.num_train,
             "steps": args.steps, "seed": args.seed, "exact_match_curve": curve,
             "seconds": round(time.perf_counter() - started)}
 
