@@ -47,8 +47,8 @@ def _merge_overrides(config: dict, overrides: dict) -> dict:
 def restore_adamw_kernel(optimizer) -> None:
     """Step the Adam kernel the optimizer was built with (this run's config) after a checkpoint was loaded into it:
     torch's `load_state_dict` replaces every param group with the saved one, `fused` and `foreach` included, so a
-    resumed run would otherwise step the kernel of the run that wrote the checkpoint. `optimizer` may be the wrapper DeepSpeed
-    or accelerate hand out; the torch optimizer inside is found through `.optimizer`."""
+    resumed run would otherwise step the kernel of the run that wrote the checkpoint. `optimizer` may be the wrapper
+    DeepSpeed or accelerate hand out; the torch optimizer inside is found through `.optimizer`."""
     import torch
 
     seen = set()

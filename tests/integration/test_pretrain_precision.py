@@ -76,9 +76,8 @@ def free_port() -> int:
 def train(precision: str, tmp_path, adamw: str = "default") -> dict:
     port = free_port()
     done = subprocess.run([sys.executable, "-c", TRAIN.format(root=str(ROOT)), precision, str(port),
-                           str(tmp_path / f"model-{precision}-{adamw}"), adamw], capture_output=True, text=True,
-                          timeout=300,
-                          cwd=ROOT)
+                           str(tmp_path / f"model-{precision}-{adamw}"), adamw],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
