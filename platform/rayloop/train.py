@@ -191,6 +191,13 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
     # process). Left in the job's working dir, workers resolve a relative `dataset.path` and import a reward module
     # exactly as the driver does, the way a `ray job submit --working-dir` user expects.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    # Ray Train replaces `print` in its workers with one that logs every line, also lines printed while a library
+    # has swapped sys.stdout for a buffer to capture them. dill does that to find a function's globals: it
+    # disassembles the function into a buffer. TRL maps its datasets, datasets hashes each map's function with
+    # dill, and every SFT/DPO/GRPO worker logged hundreds of lines of bytecode. Unpatched, prints go to the
+    # worker's stdout, which Ray sends to the driver and the job's log as before. Ray Train passes this variable
+    # from the driver to its workers; a user who sets it keeps their choice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run_dir = storage.run_dir()
     storage_path, name = run_dir.rsplit("/", 1)
     notice = resume_notice(run_dir)
