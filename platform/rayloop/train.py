@@ -192,11 +192,12 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
     # exactly as the driver does, the way a `ray job submit --working-dir` user expects.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     # Ray Train replaces `print` in its workers with one that logs every line, also lines printed while a library
-    # has swapped sys.stdout for a buffer to capture them. dill does that to find a function's globals: it
-    # disassembles the function into a buffer. TRL maps its datasets, datasets hashes each map's function with
-    # dill, and every SFT/DPO/GRPO worker logged hundreds of lines of bytecode. Unpatched, prints go to the
-    # worker's stdout, which Ray sends to the driver and the job's log as before. Ray Train passes this variable
-    # from the driver to its workers; a user who sets it keeps their choice.
+    # has swapped sys.stdout for a buffer to capture them (ray-project/ray#61050). dill does that to find a
+    # function's globals: it disassembles the function into a buffer. TRL's trainers map their datasets, datasets
+    # hashes each map's function with dill, and so each post-training worker would log hundreds of lines of bytecode
+    # per map. Unpatched, a worker's prints go to its stdout, which Ray sends to the driver and the job's log; what
+    # is given up is their copy in Ray Train's structured worker log (ray-train-app-worker-*.log), which rayloop
+    # does not read. Ray Train passes this variable from the driver to its workers; a user who sets it keeps it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run_dir = storage.run_dir()
     storage_path, name = run_dir.rsplit("/", 1)
