@@ -1,7 +1,5 @@
 """rayloop's Ray Train workers (rayloop/train.py make_trainer), on the local cluster."""
 
-import pytest
-
 from rayloop.config import ScalingSection, StorageSection
 from rayloop.train import make_trainer
 
