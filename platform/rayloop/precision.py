@@ -1,10 +1,13 @@
 """Which floating-point format training computes in: bf16 where the hardware multiplies it natively, else fp32.
 
 `deepspeed.precision: auto` picks bf16 on a GPU that supports it and on a CPU with native bf16 instructions
-(AVX512-BF16 or AMX on x86, the BF16 extension on Arm), fp32 elsewhere. A CPU without them still runs bf16, but
-emulated, and slower than fp32: on 2 threads of an AVX-512 Xeon without AVX512-BF16 a 2048x2048 GEMM ran at
-315 GFLOP/s in fp32 and 62 in bf16 (bench/pretrain.py), where a Xeon with AMX ran 207-292 and 646-1079
-(four runs on two days).
+(AVX512-BF16 or AMX on x86, the BF16 extension on Arm) whose bf16 matrix multiplications it measures to be faster
+than fp32 ones; fp32 elsewhere. A CPU without them still runs bf16, but emulated, and slower than fp32: on 2 threads
+of an AVX-512 Xeon without AVX512-BF16 a 2048x2048 GEMM ran at 315 GFLOP/s in fp32 and 62 in bf16
+(bench/pretrain.py), where a Xeon with AMX ran 207-292 and 646-1079 (four runs on two days). The flags alone do not
+settle it: a 2-core Xeon VM with AVX512-BF16 and no AMX ran the GEMM at 317 GFLOP/s in fp32 and 167 in bf16, and the
+bench's plain training loop at 1,368 and 670 tokens/s, so each CPU with the flags times one matmul in both formats
+(`bf16_matmul_speedup`, ~0.1 s) before bf16 is chosen.
 `bf16`/`fp32` force either.
 
 Each worker looks at its own device and the group takes the lowest: every rank must train in one format, and the
@@ -62,13 +65,46 @@ def cpu_bf16() -> tuple[bool, str]:
                                           ("AMX", "_is_amx_tile_supported"))
                  if getattr(torch.cpu, check, lambda: False)()]
         if found:
-            return True, f"CPU with {' and '.join(found)}"
+            return _measured(f"CPU with {' and '.join(found)}")
         return False, "CPU without AVX512-BF16 or AMX"
     if machine in ("aarch64", "arm64"):
         if "bf16" in _cpu_flags():
-            return True, "Arm CPU with BF16"
+            return _measured("Arm CPU with BF16")
         return False, "Arm CPU without the BF16 extension"
     return False, f"{machine} CPU (native bf16 not known)"
+
+
+# bf16 autocast pays for its casts only where bf16 matmuls are well ahead: with AMX the GEMM ran 3.1x fp32 and the
+# bench's training loop 1.5x; at 0.5x (the AVX512-BF16 VM above) the loop ran at half speed.
+BF16_MIN_SPEEDUP = 1.5
+
+
+def _measured(cpu: str) -> tuple[bool, str]:
+    speedup = bf16_matmul_speedup()
+    if speedup < BF16_MIN_SPEEDUP:
+        return False, f"{cpu}, but its bf16 matmuls ran {speedup:.1f}x as fast as fp32 here"
+    return True, f"{cpu} (bf16 matmuls {speedup:.1f}x fp32)"
+
+
+@functools.cache
+def bf16_matmul_speedup(n: int = 1024) -> float:
+    """How many times faster a bf16 n x n matmul runs than an fp32 one, on this process's threads: best of 3 timed
+    runs each, after one that lets oneDNN pick its kernel."""
+    import time
+
+    import torch
+
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - started)
+        best[dtype] = min(times)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def device_bf16(use_gpu: bool) -> tuple[bool, str]:

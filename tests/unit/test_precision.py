@@ -10,15 +10,16 @@ def x86(monkeypatch):
     monkeypatch.delenv("RAYLOOP_CPU_BF16", raising=False)
     monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
 
-    def cpu(avx512_bf16=False, amx=False):
+    def cpu(avx512_bf16=False, amx=False, speedup=3.0):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: speedup)
     return cpu
 
 
 def test_auto_picks_bf16_only_where_the_cpu_has_native_bf16(x86):
     x86(avx512_bf16=True)
-    assert precision.choose("auto", use_gpu=False) == ("bf16", "auto: CPU with AVX512-BF16")
+    assert precision.choose("auto", use_gpu=False) == ("bf16", "auto: CPU with AVX512-BF16 (bf16 matmuls 3.0x fp32)")
     x86(amx=True)
     assert precision.choose("auto", use_gpu=False)[0] == "bf16"
     # AVX-512 alone: oneDNN would run bf16 (its own check says yes), emulated and slower than fp32.
@@ -26,8 +27,36 @@ def test_auto_picks_bf16_only_where_the_cpu_has_native_bf16(x86):
     assert precision.choose("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX")
 
 
+def test_auto_keeps_fp32_where_the_cpus_bf16_measures_slow(x86):
+    x86(avx512_bf16=True, speedup=0.5)
+    assert precision.choose("auto", use_gpu=False) == (
+        "fp32", "auto: CPU with AVX512-BF16, but its bf16 matmuls ran 0.5x as fast as fp32 here")
+    x86(avx512_bf16=True, speedup=precision.BF16_MIN_SPEEDUP)
+    assert precision.choose("auto", use_gpu=False)[0] == "bf16"
+    x86(speedup=0.5)  # nothing measured without the flags: emulated bf16 is slow by construction
+    assert precision.choose("auto", use_gpu=False)[1] == "auto: CPU without AVX512-BF16 or AMX"
+
+
+def test_the_matmul_probe_gives_fp32_time_over_bf16_time_once_per_process(monkeypatch):
+    import time
+
+    calls = []
+
+    def mm(a, b):  # a CPU whose bf16 matmuls take a quarter of the fp32 time
+        calls.append(a.dtype)
+        time.sleep(0.04 if a.dtype == torch.float32 else 0.01)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    precision.bf16_matmul_speedup.cache_clear()
+    speedup = precision.bf16_matmul_speedup(8)
+    assert 3 < speedup < 4.5, speedup
+    assert precision.bf16_matmul_speedup(8) == speedup and len(calls) == 8  # 1 + 3 per format, then cached
+    precision.bf16_matmul_speedup.cache_clear()
+
+
 def test_arm_reads_the_bf16_feature(monkeypatch):
     monkeypatch.delenv("RAYLOOP_CPU_BF16", raising=False)
+    monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: 2.0)
     monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fp", "asimd", "bf16"})
     assert precision.choose("auto", use_gpu=False)[0] == "bf16"
