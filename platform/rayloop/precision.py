@@ -1,13 +1,13 @@
 """Which floating-point format training computes in: bf16 where the hardware multiplies it natively, else fp32.
 
 `deepspeed.precision: auto` picks bf16 on a GPU that supports it and on a CPU with native bf16 instructions
-(AVX512-BF16 or AMX on x86, the BF16 extension on Arm) whose bf16 matrix multiplications it measures to be faster
-than fp32 ones; fp32 elsewhere. A CPU without them still runs bf16, but emulated, and slower than fp32: on 2 threads
-of an AVX-512 Xeon without AVX512-BF16 a 2048x2048 GEMM ran at 315 GFLOP/s in fp32 and 62 in bf16
+(AVX512-BF16 or AMX on x86, the BF16 extension on Arm) whose bf16 matrix multiplications it measures to run at least
+1.5x as fast as fp32 ones; fp32 elsewhere. A CPU without them still runs bf16, but emulated, and slower than fp32:
+on 2 threads of an AVX-512 Xeon without AVX512-BF16 a 2048x2048 GEMM ran at 315 GFLOP/s in fp32 and 62 in bf16
 (bench/pretrain.py), where a Xeon with AMX ran 207-292 and 646-1079 (four runs on two days). The flags alone do not
 settle it: a 2-core Xeon VM with AVX512-BF16 and no AMX ran the GEMM at 317 GFLOP/s in fp32 and 167 in bf16, and the
-bench's plain training loop at 1,368 and 670 tokens/s, so each CPU with the flags times one matmul in both formats
-(`bf16_matmul_speedup`, ~0.1 s) before bf16 is chosen.
+bench's plain training loop at 1,368 and 670 tokens/s, so each CPU with the flags times a matmul in both formats
+(`bf16_matmul_speedup`, ~0.2 s) before bf16 is chosen.
 `bf16`/`fp32` force either.
 
 Each worker looks at its own device and the group takes the lowest: every rank must train in one format, and the
@@ -82,29 +82,30 @@ BF16_MIN_SPEEDUP = 1.5
 def _measured(cpu: str) -> tuple[bool, str]:
     speedup = bf16_matmul_speedup()
     if speedup < BF16_MIN_SPEEDUP:
-        return False, f"{cpu}, but its bf16 matmuls ran {speedup:.1f}x as fast as fp32 here"
-    return True, f"{cpu} (bf16 matmuls {speedup:.1f}x fp32)"
+        return False, f"{cpu}, but bf16 matmuls ran {speedup:.2f}x fp32's speed here (bf16 needs {BF16_MIN_SPEEDUP}x)"
+    return True, f"{cpu} (bf16 matmuls {speedup:.2f}x fp32)"
 
 
 @functools.cache
-def bf16_matmul_speedup(n: int = 1024) -> float:
-    """How many times faster a bf16 n x n matmul runs than an fp32 one, on this process's threads: best of 3 timed
-    runs each, after one that lets oneDNN pick its kernel."""
+def bf16_matmul_speedup(n: int = 1024, runs: int = 5) -> float:
+    """How many times faster a bf16 n x n matmul runs than an fp32 one, on this process's threads: the best of `runs`
+    timings each, after one call per format that lets oneDNN pick its kernel. The formats alternate, so that load
+    from a neighbour (another worker measuring on the same cores) falls on both alike."""
     import time
 
     import torch
 
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        torch.mm(a, b)
-        times = []
-        for _ in range(3):
+    generator = torch.Generator().manual_seed(0)  # leaves the global generator to the job's seeding
+    pairs = {dtype: tuple(torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))
+             for dtype in (torch.float32, torch.bfloat16)}
+    timings: dict = {dtype: [] for dtype in pairs}
+    for _ in range(runs + 1):
+        for dtype, (a, b) in pairs.items():
             started = time.perf_counter()
             torch.mm(a, b)
-            times.append(time.perf_counter() - started)
-        best[dtype] = min(times)
-    return best[torch.float32] / best[torch.bfloat16]
+            timings[dtype].append(time.perf_counter() - started)
+    fp32, bf16 = (min(timings[dtype][1:]) for dtype in (torch.float32, torch.bfloat16))  # [0]: the kernel's pick
+    return fp32 / bf16
 
 
 def device_bf16(use_gpu: bool) -> tuple[bool, str]:
@@ -128,8 +129,8 @@ def choose(setting: str, use_gpu: bool) -> tuple[str, str]:
 
 
 def agreed(setting: str, use_gpu: bool) -> tuple[str, str]:
-    """`choose` agreed by every rank of the process group (every rank must call it): fp32 if any rank's device
-    lacks native bf16, naming the first that does."""
+    """`choose` agreed by every rank of the process group (every rank must call it): fp32 if any rank chose it (its
+    device lacks native bf16 or measured it slow), naming the first."""
     import torch.distributed as dist
 
     mine = choose(setting, use_gpu)
@@ -137,12 +138,9 @@ def agreed(setting: str, use_gpu: bool) -> tuple[str, str]:
         return mine
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    if len(set(everyone)) == 1:  # every worker alike
+    if len({precision for precision, _ in everyone}) == 1:  # alike (measured speed-ups differ in their digits)
         return everyone[0]
-    lacking = [(rank, why) for rank, (precision, why) in enumerate(everyone) if precision != BF16]
-    if not lacking:
-        return BF16, "auto: every worker's device computes bf16"
-    rank, why = lacking[0]
+    rank, why = next((rank, why) for rank, (precision, why) in enumerate(everyone) if precision != BF16)
     return FP32, f"{why} (worker {rank})"
 
 

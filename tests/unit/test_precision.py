@@ -13,16 +13,21 @@ def x86(monkeypatch):
     def cpu(avx512_bf16=False, amx=False, speedup=3.0):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: speedup)
+        if avx512_bf16 or amx:
+            monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: speedup)
+        else:
+            def unmeasured():
+                raise AssertionError("measured bf16 on a CPU without native bf16")
+            monkeypatch.setattr(precision, "bf16_matmul_speedup", unmeasured)
     return cpu
 
 
 def test_auto_picks_bf16_only_where_the_cpu_has_native_bf16(x86):
     x86(avx512_bf16=True)
-    assert precision.choose("auto", use_gpu=False) == ("bf16", "auto: CPU with AVX512-BF16 (bf16 matmuls 3.0x fp32)")
+    assert precision.choose("auto", use_gpu=False) == ("bf16", "auto: CPU with AVX512-BF16 (bf16 matmuls 3.00x fp32)")
     x86(amx=True)
     assert precision.choose("auto", use_gpu=False)[0] == "bf16"
-    # AVX-512 alone: oneDNN would run bf16 (its own check says yes), emulated and slower than fp32.
+    # AVX-512 alone: oneDNN would run bf16 (its own check says yes), emulated and slower than fp32; nothing measured.
     x86()
     assert precision.choose("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX")
 
@@ -30,28 +35,32 @@ def test_auto_picks_bf16_only_where_the_cpu_has_native_bf16(x86):
 def test_auto_keeps_fp32_where_the_cpus_bf16_measures_slow(x86):
     x86(avx512_bf16=True, speedup=0.5)
     assert precision.choose("auto", use_gpu=False) == (
-        "fp32", "auto: CPU with AVX512-BF16, but its bf16 matmuls ran 0.5x as fast as fp32 here")
+        "fp32", "auto: CPU with AVX512-BF16, but bf16 matmuls ran 0.50x fp32's speed here (bf16 needs 1.5x)")
+    x86(avx512_bf16=True, speedup=1.49)
+    assert precision.choose("auto", use_gpu=False)[0] == "fp32"
     x86(avx512_bf16=True, speedup=precision.BF16_MIN_SPEEDUP)
     assert precision.choose("auto", use_gpu=False)[0] == "bf16"
-    x86(speedup=0.5)  # nothing measured without the flags: emulated bf16 is slow by construction
-    assert precision.choose("auto", use_gpu=False)[1] == "auto: CPU without AVX512-BF16 or AMX"
 
 
 def test_the_matmul_probe_gives_fp32_time_over_bf16_time_once_per_process(monkeypatch):
     import time
 
+    clock = [0.0]
     calls = []
 
-    def mm(a, b):  # a CPU whose bf16 matmuls take a quarter of the fp32 time
+    def mm(a, b):  # bf16 matmuls take a quarter of the fp32 time, but for the first fp32 one, which the probe drops
         calls.append(a.dtype)
-        time.sleep(0.04 if a.dtype == torch.float32 else 0.01)
+        clock[0] += 1.0 if a.dtype == torch.bfloat16 else (0.5 if len(calls) == 1 else 4.0)
 
     monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     precision.bf16_matmul_speedup.cache_clear()
-    speedup = precision.bf16_matmul_speedup(8)
-    assert 3 < speedup < 4.5, speedup
-    assert precision.bf16_matmul_speedup(8) == speedup and len(calls) == 8  # 1 + 3 per format, then cached
-    precision.bf16_matmul_speedup.cache_clear()
+    try:
+        assert precision.bf16_matmul_speedup(8) == 4.0
+        assert calls == [torch.float32, torch.bfloat16] * 6  # alternating: 1 + 5 per format
+        assert precision.bf16_matmul_speedup(8) == 4.0 and len(calls) == 12  # measured once per process
+    finally:
+        precision.bf16_matmul_speedup.cache_clear()
 
 
 def test_arm_reads_the_bf16_feature(monkeypatch):
@@ -82,9 +91,10 @@ def test_workers_agree_on_fp32_when_one_lacks_bf16(monkeypatch):
     monkeypatch.setattr(precision, "choose", lambda setting, use_gpu: gathered[0])
     assert precision.agreed("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX (worker 1)")
     gathered[1] = ("bf16", "auto: CPU with AVX512-BF16")
-    assert precision.agreed("auto", use_gpu=False) == ("bf16", "auto: every worker's device computes bf16")
-    gathered[:] = [("fp32", "auto: CPU without AVX512-BF16 or AMX")] * 3
-    assert precision.agreed("auto", use_gpu=False) == ("fp32", "auto: CPU without AVX512-BF16 or AMX")
+    assert precision.agreed("auto", use_gpu=False) == ("bf16", "auto: CPU with AMX")
+    # Every worker slow in its own measured way: fp32, without blaming one worker.
+    gathered[:] = [("fp32", f"auto: CPU with AVX512-BF16, but bf16 matmuls ran 0.{i}x fp32's speed") for i in (5, 6, 7)]
+    assert precision.agreed("auto", use_gpu=False) == gathered[0]
 
 
 def test_a_forced_precision_calls_no_collective(monkeypatch):
