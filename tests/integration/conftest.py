@@ -39,11 +39,18 @@ def posttrain_config(cls, config_file: str, runs, *overrides):
 
 
 @pytest.fixture(scope="session")
-def pretrained_model(ray_cluster, posttrain_runs) -> str:
+def pretrain_result(ray_cluster, posttrain_runs) -> dict:
+    """pretrain_tiny.yaml as the pipeline runs it (2 workers, ZeRO-2), 300 steps: tested in
+    test_pretrain_and_generate.py, the start of every post-training test."""
     from jobs import pretrain
 
     cfg = posttrain_config(pretrain.PretrainConfig, "pretrain_tiny.yaml", posttrain_runs, "--train.steps=300")
-    return pretrain.main(cfg)["model_dir"]
+    return pretrain.main(cfg)
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(pretrain_result) -> str:
+    return pretrain_result["model_dir"]
 
 
 @pytest.fixture(scope="session")
