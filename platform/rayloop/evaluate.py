@@ -62,11 +62,18 @@ def on_ray(fn, *args, use_gpu: bool = False, **kwargs):
     return ray.get(ray.remote(num_cpus=1, num_gpus=int(use_gpu), max_retries=0)(fn).remote(*args, **kwargs))
 
 
+def on_ray_each(fn, model_dirs: list[str], *args, use_gpu: bool = False) -> list:
+    """`fn(model_dir, *args)` for each folder, in tasks as on_ray's, all submitted at once: side by side where the
+    cluster has a CPU (or GPU) for each, in turn where it has not."""
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=int(use_gpu), max_retries=0)(fn)
+    return ray.get([task.remote(model_dir, *args) for model_dir in model_dirs])
+
+
 def compare_exact_match(before_dir: str, after_dir: str, examples: list[dict], *, use_gpu: bool = False) -> dict:
     """Paired held-out exact-match accuracy of two model folders (Ray must be initialised)."""
-    before = on_ray(exact_match_scores, before_dir, examples, use_gpu=use_gpu)
-    after = on_ray(exact_match_scores, after_dir, examples, use_gpu=use_gpu)
-    return paired_difference(before, after)
+    return paired_difference(*on_ray_each(exact_match_scores, [before_dir, after_dir], examples, use_gpu=use_gpu))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,8 +158,7 @@ def reward_margins(model_dir: str, rows: list[dict]) -> list[float]:
 
 def compare_on_ray(score_fn, before_dir: str, after_dir: str, rows: list[dict], *, use_gpu: bool = False) -> dict:
     """Paired per-row figures of two model folders, each scored in a Ray task."""
-    return paired_difference(on_ray(score_fn, before_dir, rows, use_gpu=use_gpu),
-                             on_ray(score_fn, after_dir, rows, use_gpu=use_gpu))
+    return paired_difference(*on_ray_each(score_fn, [before_dir, after_dir], rows, use_gpu=use_gpu))
 
 
 def reward_scores(specs: list, rows: list[dict], completions: list[list[str]],
@@ -214,10 +220,9 @@ def compare_rewards(specs: list, before_dir: str, after_dir: str, rows: list[dic
                     use_gpu: bool = False) -> list[dict]:
     """Paired held-out mean reward of two model folders' vLLM completions, one figure per sampling setting in
     `gens` (greedy, sampled, ...); each model's completions come from one engine and are scored in its task."""
-    from rayloop.generate import run_with_vllm
+    from rayloop.generate import run_with_vllm_each
 
-    scores = [run_with_vllm(generate_and_score, model_dir, rows, gens, specs, use_gpu=use_gpu)
-              for model_dir in (before_dir, after_dir)]
+    scores = run_with_vllm_each(generate_and_score, [before_dir, after_dir], rows, gens, specs, use_gpu=use_gpu)
     return [paired_difference(before, after) for before, after in zip(*scores)]
 
 

@@ -41,7 +41,7 @@ def test_grpo_with_vllm_rollouts_survives_a_worker_kill(sft_result, posttrain_ru
                            f"--model.name_or_path={sft_result['model_dir']}", "--train.steps=20",
                            "--train.checkpoint_every=10", "--optim.lr=5e-4", "--train.log_every=5",
                            "--train.max_failures=1", "--train.fault_pause_step=15", "--train.keep_checkpoints=5",
-                           "--eval_samples=8", "--task.num_eval=100")
+                           "--eval_samples=8")
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(grpo.main(cfg)), daemon=True)
     runner.start()
