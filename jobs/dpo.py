@@ -51,16 +51,15 @@ def build_trainer(cfg: DPOJobConfig, model_dir: str, args: dict):
 def main(cfg: DPOJobConfig) -> dict:
     from jobs import dpo
     from rayloop import storage
-    from rayloop.evaluate import compare_exact_match, describe, on_ray_each, paired_difference, preference_margins
+    from rayloop.evaluate import compare_exact_match, compare_preferences, describe, preference_margins
     from rayloop.posttrain import fit
     from rayloop.registry import register
 
     summary = fit(cfg, dpo.build_trainer, plot_keys=["rewards/margins", "eval_rewards/margins"], plot_name="margins")
     _, held_out = cfg.data()
-    models = [cfg.model.name_or_path, summary["model_dir"]]
-    before, after = on_ray_each(preference_margins, models, held_out.to_list(), use_gpu=cfg.scaling.use_gpu)
-    margins = summary["margin"] = paired_difference(before, after)
-    summary["preference"] = paired_difference([float(m > 0) for m in before], [float(m > 0) for m in after])
+    margins, summary["preference"] = compare_preferences(preference_margins, cfg.model.name_or_path, summary["model_dir"],
+                                                         held_out.to_list(), use_gpu=cfg.scaling.use_gpu)
+    summary["margin"] = margins
     line = (f"dpo: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
             f"log-probability margin {margins['before']:+.3f} -> {margins['after']:+.3f} "
             f"(95% CI of the difference [{margins['ci_low']:+.3f}, {margins['ci_high']:+.3f}])")

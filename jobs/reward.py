@@ -60,16 +60,15 @@ def build_trainer(cfg: RewardJobConfig, model_dir: str, args: dict):
 def main(cfg: RewardJobConfig) -> dict:
     from jobs import reward
     from rayloop import storage
-    from rayloop.evaluate import describe, on_ray_each, paired_difference, reward_margins
+    from rayloop.evaluate import compare_preferences, describe, reward_margins
     from rayloop.posttrain import fit
     from rayloop.registry import register
 
     summary = fit(cfg, reward.build_trainer, plot_keys=["accuracy", "eval_accuracy"], plot_name="accuracy")
     _, held_out = cfg.data()
-    models = [cfg.model.name_or_path, summary["model_dir"]]
-    before, after = on_ray_each(reward_margins, models, held_out.to_list(), use_gpu=cfg.scaling.use_gpu)
-    margins = summary["margin"] = paired_difference(before, after)
-    summary["preference"] = paired_difference([float(m > 0) for m in before], [float(m > 0) for m in after])
+    margins, summary["preference"] = compare_preferences(reward_margins, cfg.model.name_or_path, summary["model_dir"],
+                                                         held_out.to_list(), use_gpu=cfg.scaling.use_gpu)
+    summary["margin"] = margins
     say(f"reward: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
         f"score margin {margins['before']:+.3f} -> {margins['after']:+.3f} (95% CI of the difference "
         f"[{margins['ci_low']:+.3f}, {margins['ci_high']:+.3f}]); model at {summary['model_dir']}")

@@ -63,12 +63,36 @@ def on_ray(fn, *args, use_gpu: bool = False, **kwargs):
 
 
 def on_ray_each(fn, model_dirs: list[str], *args, use_gpu: bool = False) -> list:
-    """`fn(model_dir, *args)` for each folder, in tasks as on_ray's, all submitted at once: side by side where the
-    cluster has a CPU (or GPU) for each, in turn where it has not."""
+    """`fn(model_dir, *args)` for each folder, in tasks as on_ray's, side by side where Ray can (side_by_side)."""
     import ray
 
-    task = ray.remote(num_cpus=1, num_gpus=int(use_gpu), max_retries=0)(fn)
-    return ray.get([task.remote(model_dir, *args) for model_dir in model_dirs])
+    return side_by_side(ray.remote(num_cpus=1, num_gpus=int(use_gpu), max_retries=0)(fn), model_dirs, *args,
+                        use_gpu=use_gpu)
+
+
+def side_by_side(task, model_dirs: list[str], *args, use_gpu: bool = False, extra_bytes: int = 0) -> list:
+    """`task.remote(model_dir, *args)` for each folder, all submitted at once, so that Ray runs them side by side
+    where the cluster has a CPU (or GPU) and the memory for each, in turn where it has not. On a CPU each asks for
+    its weights as float32 (up to twice their files, which may hold bf16) plus `extra_bytes` (vLLM's KV cache), so
+    that two copies of a large model never load on a node without room for both; on a GPU the weights load there.
+    One failing cancels the others, whose engines would otherwise hold their GPUs until they finish."""
+    import ray
+
+    refs = [task.options(memory=0 if use_gpu else 2 * _weights_bytes(d) + extra_bytes).remote(d, *args)
+            for d in model_dirs]
+    try:
+        return ray.get(refs)
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _weights_bytes(model_dir: str) -> int:
+    from rayloop import storage
+    from rayloop.models import resolve_model_folder
+
+    return storage.weights_bytes(resolve_model_folder(model_dir))
 
 
 def compare_exact_match(before_dir: str, after_dir: str, examples: list[dict], *, use_gpu: bool = False) -> dict:
@@ -161,6 +185,15 @@ def compare_on_ray(score_fn, before_dir: str, after_dir: str, rows: list[dict], 
     return paired_difference(*on_ray_each(score_fn, [before_dir, after_dir], rows, use_gpu=use_gpu))
 
 
+def compare_preferences(score_fn, before_dir: str, after_dir: str, rows: list[dict], *,
+                        use_gpu: bool = False) -> tuple[dict, dict]:
+    """(margin, preference accuracy) of two folders on held-out pairs: `score_fn` gives each pair's chosen-minus-
+    rejected margin; a pair is ranked right where its margin is positive."""
+    before, after = on_ray_each(score_fn, [before_dir, after_dir], rows, use_gpu=use_gpu)
+    return (paired_difference(before, after),
+            paired_difference([float(m > 0) for m in before], [float(m > 0) for m in after]))
+
+
 def reward_scores(specs: list, rows: list[dict], completions: list[list[str]],
                   completion_ids: list[list[list[int]]] | None = None) -> list[float]:
     """Per held-out prompt: the mean over its sampled completions of the weighted reward sum TRL optimises (a
@@ -220,9 +253,10 @@ def compare_rewards(specs: list, before_dir: str, after_dir: str, rows: list[dic
                     use_gpu: bool = False) -> list[dict]:
     """Paired held-out mean reward of two model folders' vLLM completions, one figure per sampling setting in
     `gens` (greedy, sampled, ...); each model's completions come from one engine and are scored in its task."""
-    from rayloop.generate import run_with_vllm_each
+    from rayloop.generate import vllm_task
 
-    scores = run_with_vllm_each(generate_and_score, [before_dir, after_dir], rows, gens, specs, use_gpu=use_gpu)
+    scores = side_by_side(vllm_task(generate_and_score, use_gpu), [before_dir, after_dir], rows, gens, specs,
+                          use_gpu=use_gpu, extra_bytes=max(int(g.kv_cache_memory_bytes) for g in gens))
     return [paired_difference(before, after) for before, after in zip(*scores)]
 
 

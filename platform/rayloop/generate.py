@@ -69,12 +69,12 @@ def generate_on_ray(model_dir: str, prompts: list[str], gen: GenerateSection | l
     return run_with_vllm(vllm_generate, model_dir, prompts, gen, use_gpu=use_gpu)
 
 
-def _vllm_task(fn, use_gpu: bool):
+def vllm_task(fn, use_gpu: bool = False):
+    """`fn` as a Ray task that starts a vLLM engine, holding one GPU (use_gpu) or one CPU."""
     import ray
 
     # max_calls=1: the worker exits after the task, so the engine's memory is freed now, not when Ray reaps an
-    # idle worker. A later vLLM engine on the node needs that memory for its KV cache (once, in the job-submit
-    # test, one failed to start; memory was the likely cause, not a proven one).
+    # idle worker: a later vLLM engine on the node needs that memory for its KV cache.
     return ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0, max_calls=1,
                       runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})(fn)
 
@@ -83,13 +83,4 @@ def run_with_vllm(fn, *args, use_gpu: bool = False):
     """`fn(*args)`, which starts a vLLM engine, in a Ray task of its own holding one GPU (use_gpu) or one CPU."""
     import ray
 
-    return ray.get(_vllm_task(fn, use_gpu).remote(*args))
-
-
-def run_with_vllm_each(fn, model_dirs: list[str], *args, use_gpu: bool = False) -> list:
-    """`fn(model_dir, *args)` for each folder, each in a task as run_with_vllm's, all submitted at once: Ray runs
-    them side by side where the cluster has a CPU (or GPU) for each, in turn where it has not."""
-    import ray
-
-    task = _vllm_task(fn, use_gpu)
-    return ray.get([task.remote(model_dir, *args) for model_dir in model_dirs])
+    return ray.get(vllm_task(fn, use_gpu).remote(*args))

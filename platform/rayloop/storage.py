@@ -52,6 +52,15 @@ def _info(path: str):
     return fs.get_file_info(inner)
 
 
+def weights_bytes(folder: str) -> int:
+    """Bytes of the weight files (*.safetensors, *.bin) directly in a model folder, a local path or a URI."""
+    import pyarrow.fs
+
+    fs, inner = filesystem(folder)
+    return sum(info.size for info in fs.get_file_info(pyarrow.fs.FileSelector(inner))
+               if info.type == pyarrow.fs.FileType.File and info.base_name.endswith((".safetensors", ".bin")))
+
+
 def exists(path: str) -> bool:
     import pyarrow.fs
 

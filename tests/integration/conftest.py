@@ -40,11 +40,12 @@ def posttrain_config(cls, config_file: str, runs, *overrides):
 
 @pytest.fixture(scope="session")
 def pretrain_result(ray_cluster, posttrain_runs) -> dict:
-    """pretrain_tiny.yaml as the pipeline runs it (2 workers, ZeRO-2), 300 steps: tested in
-    test_pretrain_and_generate.py, the start of every post-training test."""
+    """pretrain_tiny.yaml, 2 workers, ZeRO-2, 300 steps: tested in test_pretrain_and_generate.py, the start of
+    every post-training test."""
     from jobs import pretrain
 
-    cfg = posttrain_config(pretrain.PretrainConfig, "pretrain_tiny.yaml", posttrain_runs, "--train.steps=300")
+    cfg = posttrain_config(pretrain.PretrainConfig, "pretrain_tiny.yaml", posttrain_runs, "--train.steps=300",
+                           "--scaling.num_workers=2", "--deepspeed.zero_stage=2")
     return pretrain.main(cfg)
 
 

@@ -21,3 +21,55 @@ def test_paired_difference_of_no_change_straddles_zero():
 def test_paired_difference_needs_pairs():
     with pytest.raises(ValueError, match="equal, non-zero"):
         paired_difference([1.0], [1.0, 0.0])
+
+
+class _FakeTask:
+    """A Ray remote function's surface: .options(memory=...).remote(...) -> a ref naming the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def options(self, **options):
+        outer = self
+
+        class _Bound:
+            def remote(self, model_dir, *args):
+                outer.calls.append((model_dir, options))
+                return f"ref:{model_dir}"
+
+        return _Bound()
+
+
+def test_side_by_side_submits_every_folder_before_waiting_and_asks_for_memory_on_a_cpu(monkeypatch):
+    import ray
+
+    from rayloop import evaluate
+
+    monkeypatch.setattr(evaluate, "_weights_bytes", lambda d: {"start": 100, "trained": 40}[d])
+    waited = []
+    monkeypatch.setattr(ray, "get", lambda refs: waited.append(list(refs)) or [r.upper() for r in refs])
+    task = _FakeTask()
+    assert evaluate.side_by_side(task, ["start", "trained"], "rows", extra_bytes=7) == ["REF:START", "REF:TRAINED"]
+    assert waited == [["ref:start", "ref:trained"]]  # one wait for both: they run at once
+    assert task.calls == [("start", {"memory": 207}), ("trained", {"memory": 87})]
+    gpu = _FakeTask()
+    evaluate.side_by_side(gpu, ["start", "trained"], use_gpu=True, extra_bytes=7)
+    assert [options for _, options in gpu.calls] == [{"memory": 0}, {"memory": 0}]
+
+
+def test_side_by_side_cancels_the_others_when_one_fails(monkeypatch):
+    import ray
+
+    from rayloop import evaluate
+
+    monkeypatch.setattr(evaluate, "_weights_bytes", lambda d: 1)
+
+    def get(refs):
+        raise RuntimeError("the reward failed on a held-out row")
+
+    cancelled = []
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "cancel", lambda ref, force: cancelled.append((ref, force)))
+    with pytest.raises(RuntimeError, match="held-out row"):
+        evaluate.side_by_side(_FakeTask(), ["start", "trained"])
+    assert cancelled == [("ref:start", True), ("ref:trained", True)]

@@ -95,3 +95,13 @@ def test_s3_run_folder_resolves_through_storage(s3):
     assert resolve_model_folder("s3://runs/base/") == "s3://runs/base"
     with pytest.raises(ValueError, match="no model at 's3://runs/nothing'"):
         resolve_model_folder("s3://runs/nothing")
+
+
+def test_weights_bytes_counts_the_weight_files_of_a_folder_local_or_in_s3(s3, tmp_path):
+    files = {"config.json": b"{}", "model-00001.safetensors": b"w" * 300, "model-00002.safetensors": b"w" * 200,
+             "pytorch_model.bin": b"b" * 50, "optimizer.pt": b"o" * 1000, "nested/model.safetensors": b"n" * 7}
+    for name, body in files.items():
+        s3.put_object(Bucket="runs", Key=f"model/{name}", Body=body)
+        (tmp_path / "model" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "model" / name).write_bytes(body)
+    assert storage.weights_bytes("s3://runs/model") == storage.weights_bytes(str(tmp_path / "model")) == 550
