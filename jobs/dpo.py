@@ -57,8 +57,9 @@ def main(cfg: DPOJobConfig) -> dict:
 
     summary = fit(cfg, dpo.build_trainer, plot_keys=["rewards/margins", "eval_rewards/margins"], plot_name="margins")
     _, held_out = cfg.data()
-    margins, summary["preference"] = compare_preferences(preference_margins, cfg.model.name_or_path, summary["model_dir"],
-                                                         held_out.to_list(), use_gpu=cfg.scaling.use_gpu)
+    margins, summary["preference"] = compare_preferences(preference_margins, cfg.model.name_or_path,
+                                                         summary["model_dir"], held_out.to_list(),
+                                                         use_gpu=cfg.scaling.use_gpu)
     summary["margin"] = margins
     line = (f"dpo: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
             f"log-probability margin {margins['before']:+.3f} -> {margins['after']:+.3f} "

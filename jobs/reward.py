@@ -66,8 +66,9 @@ def main(cfg: RewardJobConfig) -> dict:
 
     summary = fit(cfg, reward.build_trainer, plot_keys=["accuracy", "eval_accuracy"], plot_name="accuracy")
     _, held_out = cfg.data()
-    margins, summary["preference"] = compare_preferences(reward_margins, cfg.model.name_or_path, summary["model_dir"],
-                                                         held_out.to_list(), use_gpu=cfg.scaling.use_gpu)
+    margins, summary["preference"] = compare_preferences(reward_margins, cfg.model.name_or_path,
+                                                         summary["model_dir"], held_out.to_list(),
+                                                         use_gpu=cfg.scaling.use_gpu)
     summary["margin"] = margins
     say(f"reward: step {summary.get('step')}, {describe('held-out preference accuracy', summary['preference'])}, "
         f"score margin {margins['before']:+.3f} -> {margins['after']:+.3f} (95% CI of the difference "

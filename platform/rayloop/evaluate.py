@@ -59,15 +59,18 @@ def on_ray(fn, *args, use_gpu: bool = False, **kwargs):
     """Run an evaluation function in a Ray task holding one CPU, or one GPU (the driver may be a small head node)."""
     import ray
 
-    return ray.get(ray.remote(num_cpus=1, num_gpus=int(use_gpu), max_retries=0)(fn).remote(*args, **kwargs))
+    return ray.get(_eval_task(fn, use_gpu).remote(*args, **kwargs))
+
+
+def _eval_task(fn, use_gpu: bool):
+    import ray
+
+    return ray.remote(num_cpus=1, num_gpus=int(use_gpu), max_retries=0)(fn)
 
 
 def on_ray_each(fn, model_dirs: list[str], *args, use_gpu: bool = False) -> list:
     """`fn(model_dir, *args)` for each folder, in tasks as on_ray's, side by side where Ray can (side_by_side)."""
-    import ray
-
-    return side_by_side(ray.remote(num_cpus=1, num_gpus=int(use_gpu), max_retries=0)(fn), model_dirs, *args,
-                        use_gpu=use_gpu)
+    return side_by_side(_eval_task(fn, use_gpu), model_dirs, *args, use_gpu=use_gpu)
 
 
 def side_by_side(task, model_dirs: list[str], *args, use_gpu: bool = False, extra_bytes: int = 0) -> list:
@@ -97,7 +100,7 @@ def _weights_bytes(model_dir: str) -> int:
 
 def compare_exact_match(before_dir: str, after_dir: str, examples: list[dict], *, use_gpu: bool = False) -> dict:
     """Paired held-out exact-match accuracy of two model folders (Ray must be initialised)."""
-    return paired_difference(*on_ray_each(exact_match_scores, [before_dir, after_dir], examples, use_gpu=use_gpu))
+    return compare_on_ray(exact_match_scores, before_dir, after_dir, examples, use_gpu=use_gpu)
 
 
 # ---------------------------------------------------------------------------------------------------------------
