@@ -33,10 +33,10 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
 
 def exact_match_scores(model_dir: str, examples: list[dict], max_new_tokens: int = 8) -> list[float]:
     """1.0/0.0 per held-out {"prompt", "answer"}: the greedy completion is exactly the answer."""
-    from rayloop.models import load_model
+    from rayloop.models import evaluation_device, load_model
     from rayloop.tasks import score
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=evaluation_device())
     completions = greedy_completions(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens)
     return [score(c, e["answer"]) for c, e in zip(completions, examples)]
 
@@ -135,9 +135,9 @@ def _sequence_logprobs(model, tokenizer, prompt: str, completion: str) -> tuple[
 def loss_scores(model_dir: str, rows: list[dict]) -> list[float]:
     """Per held-out SFT row: the mean token loss (negative log-likelihood) of its completion (prompt-completion)
     or of the whole text (language modeling, conversational included), as SFTTrainer trains it."""
-    from rayloop.models import load_model
+    from rayloop.models import evaluation_device, load_model
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=evaluation_device())
     model.eval()
     scores = []
     for row in render(rows, tokenizer):
@@ -150,9 +150,9 @@ def loss_scores(model_dir: str, rows: list[dict]) -> list[float]:
 def preference_margins(model_dir: str, rows: list[dict]) -> list[float]:
     """Per held-out preference row: log p(chosen) - log p(rejected) under the policy (a DPO model ranks the
     pair right when it is positive)."""
-    from rayloop.models import load_model
+    from rayloop.models import evaluation_device, load_model
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=evaluation_device())
     model.eval()
     return [_sequence_logprobs(model, tokenizer, r["prompt"], r["chosen"])[0]
             - _sequence_logprobs(model, tokenizer, r["prompt"], r["rejected"])[0] for r in render(rows, tokenizer)]
@@ -165,11 +165,13 @@ def reward_margins(model_dir: str, rows: list[dict]) -> list[float]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from rayloop.models import evaluation_device
     from rayloop.storage import local_copy, training_state
 
     folder = local_copy(model_dir, exclude=training_state)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    model = model.to(evaluation_device())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -178,7 +180,7 @@ def reward_margins(model_dir: str, rows: list[dict]) -> list[float]:
         if not text.endswith(tokenizer.eos_token):  # a chat template ends each turn with it already
             text += tokenizer.eos_token
         with torch.no_grad():
-            return model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+            return model(**tokenizer(text, return_tensors="pt").to(model.device)).logits[0, 0].item()
 
     return [score(r["prompt"] + r["chosen"]) - score(r["prompt"] + r["rejected"]) for r in render(rows, tokenizer)]
 

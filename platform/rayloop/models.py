@@ -124,8 +124,9 @@ def create_model_folder(preset: str, texts: Iterable[str], out_dir: str | os.Pat
     return save_hf_folder(model, tokenizer, out_dir)
 
 
-def load_model(path: str | os.PathLike, dtype=None):
-    """Model and tokenizer from an HF folder, local or in storage (copied to this node's cache); no hub access."""
+def load_model(path: str | os.PathLike, dtype=None, device=None):
+    """Model and tokenizer from an HF folder, local or in storage (copied to this node's cache); no hub access.
+    `device`: where the model is put (`evaluation_device()` for a scoring task); None leaves it on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rayloop.storage import local_copy, training_state
@@ -133,7 +134,17 @@ def load_model(path: str | os.PathLike, dtype=None):
     path = local_copy(str(path), exclude=training_state)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if device is not None:
+        model = model.to(device)
     return model, tokenizer
+
+
+def evaluation_device() -> str:
+    """The GPU Ray gave this task, or the CPU: inside a Ray task CUDA sees only the GPUs it was given (none for a
+    task that asked for none), so "cuda" is that task's own GPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def latest_registered_checkpoint(run_dir: str) -> str | None:

@@ -73,3 +73,35 @@ def test_side_by_side_cancels_the_others_when_one_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="held-out row"):
         evaluate.side_by_side(_FakeTask(), ["start", "trained"])
     assert cancelled == [("ref:start", True), ("ref:trained", True)]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from rayloop.models import create_model_folder
+    from rayloop.tasks import ArithmeticTask
+
+    return str(create_model_folder("tiny", ArithmeticTask().pretrain_corpus()[:200],
+                                   tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.mark.parametrize("score_fn", ["exact_match_scores", "loss_scores", "preference_margins", "reward_margins"])
+def test_a_scoring_task_given_a_gpu_puts_its_model_there(score_fn, tiny_folder, monkeypatch):
+    """Inside a Ray task that holds a GPU, CUDA sees that GPU: the model goes there, not only the task's claim on it.
+    (No GPU here: `Module.to` records where it was sent and stays put.)"""
+    import torch
+
+    from rayloop import evaluate
+
+    sent_to: list[str] = []
+
+    def record(module, *args, **kwargs):
+        sent_to.append(str(args[0] if args else kwargs.get("device")))
+        return module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", record)
+    rows = ([{"prompt": "1+2=", "answer": "3"}] if score_fn == "exact_match_scores"
+            else [{"prompt": "1+2=", "completion": "3"}] if score_fn == "loss_scores"
+            else [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}])
+    getattr(evaluate, score_fn)(tiny_folder, rows)
+    assert sent_to == ["cuda"], sent_to
