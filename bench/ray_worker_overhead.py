@@ -34,6 +34,15 @@ def _plain_in_train_worker(args: dict) -> None:
         ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "an unnamed CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -50,6 +59,7 @@ def main() -> None:
 
     from rayloop.cluster import init_ray
     from rayloop.models import create_model_folder
+    from rayloop.precision import device_bf16
     from rayloop.tasks import ArithmeticTask
 
     model_dir = tempfile.mkdtemp(prefix="bench-model-")
@@ -86,14 +96,21 @@ def main() -> None:
     }
     rounds = []
     for i in range(opts.rounds):
-        tokens = {name: run()["tokens_per_s"] for name, run in figures.items()}
-        base = tokens["plain loop, own process"]
-        rounds.append({name: {"tokens_per_s": round(t, 1), "of_plain": round(t / base, 3)}
-                       for name, t in tokens.items()})
+        # Odd rounds run the figures in reverse: a shared machine's speed drifts within minutes, and a fixed order
+        # would hand the drift to the same figures every round.
+        order = list(figures) if i % 2 == 0 else list(reversed(figures))
+        runs = {name: figures[name]() for name in order}
+        base = runs["plain loop, own process"]["tokens_per_s"]
+        rounds.append({name: {"tokens_per_s": round(runs[name]["tokens_per_s"], 1),
+                              "of_plain": round(runs[name]["tokens_per_s"] / base, 3),
+                              "torch_threads": runs[name].get("torch_threads"), "order": order.index(name)}
+                       for name in figures})
         for name, figure in rounds[-1].items():
-            print(f"round {i}: {name:<42} {figure['tokens_per_s']:>8,.1f} tokens/s  {figure['of_plain']:.3f} of plain")
-    record = {"preset": opts.preset, "precision": opts.precision, "cpus": cpus, "tokens_per_step": 8 * 128,
-              "steps": opts.steps, "rounds": rounds}
+            print(f"round {i}: {name:<42} {figure['tokens_per_s']:>8,.1f} tokens/s  {figure['of_plain']:.3f} of plain"
+                  f"  ({figure['torch_threads']} threads)")
+    record = {"machine": f"{cpus} CPUs of {_cpu_model()}; {device_bf16(False)[1]}", "preset": opts.preset,
+              "precision": opts.precision, "cpus": cpus, "tokens_per_step": 8 * 128, "steps": opts.steps,
+              "rounds": rounds}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(record, indent=1) + "\n")
     print(f"figures in {opts.out}")
