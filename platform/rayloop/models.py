@@ -140,11 +140,17 @@ def load_model(path: str | os.PathLike, dtype=None, device=None):
 
 
 def evaluation_device() -> str:
-    """The GPU Ray gave this task, or the CPU: inside a Ray task CUDA sees only the GPUs it was given (none for a
-    task that asked for none), so "cuda" is that task's own GPU."""
+    """The GPU Ray gave this task, or the CPU. Ray leaves CUDA_VISIBLE_DEVICES alone for a task that asked for no
+    GPU, so `torch.cuda.is_available()` alone would put a CPU task's model on GPU 0 of its node: ask Ray what this
+    task holds. Outside Ray, any GPU the process sees."""
+    import ray
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if ray.is_initialized():
+        return "cuda" if ray.get_gpu_ids() else "cpu"
+    return "cuda"
 
 
 def latest_registered_checkpoint(run_dir: str) -> str | None:

@@ -84,10 +84,12 @@ def tiny_folder(tmp_path_factory):
                                    tmp_path_factory.mktemp("tiny") / "model"))
 
 
+@pytest.mark.parametrize("gpu_ids, device", [([0], "cuda"), ([], "cpu")], ids=["task_holds_a_gpu", "cpu_task"])
 @pytest.mark.parametrize("score_fn", ["exact_match_scores", "loss_scores", "preference_margins", "reward_margins"])
-def test_a_scoring_task_given_a_gpu_puts_its_model_there(score_fn, tiny_folder, monkeypatch):
-    """Inside a Ray task that holds a GPU, CUDA sees that GPU: the model goes there, not only the task's claim on it.
-    (No GPU here: `Module.to` records where it was sent and stays put.)"""
+def test_a_scoring_task_puts_its_model_on_the_gpu_it_holds(score_fn, gpu_ids, device, tiny_folder, monkeypatch):
+    """A task that holds a GPU scores there, not only claims it; a CPU task on a GPU node scores on the CPU, though
+    Ray leaves CUDA_VISIBLE_DEVICES open to it. (No GPU here: `Module.to` records where it was sent and stays put.)"""
+    import ray
     import torch
 
     from rayloop import evaluate
@@ -99,9 +101,11 @@ def test_a_scoring_task_given_a_gpu_puts_its_model_there(score_fn, tiny_folder, 
         return module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: gpu_ids)
     monkeypatch.setattr(torch.nn.Module, "to", record)
     rows = ([{"prompt": "1+2=", "answer": "3"}] if score_fn == "exact_match_scores"
             else [{"prompt": "1+2=", "completion": "3"}] if score_fn == "loss_scores"
             else [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}])
     getattr(evaluate, score_fn)(tiny_folder, rows)
-    assert sent_to == ["cuda"], sent_to
+    assert sent_to[-1:] == [device], sent_to
