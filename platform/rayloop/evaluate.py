@@ -243,15 +243,22 @@ def _reward_model_scores(folder: str, prompts: list, completions: list) -> list[
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl.data_utils import apply_chat_template
 
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    from rayloop.models import evaluation_device
+
+    # On the GPU the task holds, beside the policy's engine: vLLM took only its weights and the KV cache bytes set.
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval().to(evaluation_device())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if isinstance(prompts[0], str):
         texts = [p + c for p, c in zip(prompts, completions)]
     else:
         texts = [apply_chat_template({"messages": p + c}, tokenizer)["text"] for p, c in zip(prompts, completions)]
-    with torch.no_grad():
-        return [model(**tokenizer(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
-                for t in texts]
+
+    def score(text: str) -> float:
+        with torch.no_grad():
+            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+            return model(**inputs).logits[0, 0].item()
+
+    return [score(t) for t in texts]
 
 
 def compare_rewards(specs: list, before_dir: str, after_dir: str, rows: list[dict], gens: list, *,

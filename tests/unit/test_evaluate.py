@@ -85,7 +85,8 @@ def tiny_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("gpu_ids, device", [([0], "cuda"), ([], "cpu")], ids=["task_holds_a_gpu", "cpu_task"])
-@pytest.mark.parametrize("score_fn", ["exact_match_scores", "loss_scores", "preference_margins", "reward_margins"])
+@pytest.mark.parametrize("score_fn", ["exact_match_scores", "loss_scores", "preference_margins", "reward_margins",
+                                      "_reward_model_scores"])
 def test_a_scoring_task_puts_its_model_on_the_gpu_it_holds(score_fn, gpu_ids, device, tiny_folder, monkeypatch):
     """A task that holds a GPU scores there, not only claims it; a CPU task on a GPU node scores on the CPU, though
     Ray leaves CUDA_VISIBLE_DEVICES open to it. (No GPU here: `Module.to` records where it was sent and stays put.)"""
@@ -107,5 +108,8 @@ def test_a_scoring_task_puts_its_model_on_the_gpu_it_holds(score_fn, gpu_ids, de
     rows = ([{"prompt": "1+2=", "answer": "3"}] if score_fn == "exact_match_scores"
             else [{"prompt": "1+2=", "completion": "3"}] if score_fn == "loss_scores"
             else [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}])
-    getattr(evaluate, score_fn)(tiny_folder, rows)
+    if score_fn == "_reward_model_scores":  # a reward model folder among GRPO's rewards, beside the vLLM engine
+        evaluate._reward_model_scores(tiny_folder, ["1+2="], ["3"])
+    else:
+        getattr(evaluate, score_fn)(tiny_folder, rows)
     assert sent_to[-1:] == [device], sent_to
