@@ -170,8 +170,8 @@ def reward_margins(model_dir: str, rows: list[dict]) -> list[float]:
 
     folder = local_copy(model_dir, exclude=training_state)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
-    model = model.to(evaluation_device())
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
+                                                               device_map=evaluation_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -245,8 +245,7 @@ def _reward_model_scores(folder: str, prompts: list, completions: list) -> list[
 
     from rayloop.models import evaluation_device
 
-    # On the GPU the task holds, beside the policy's engine: vLLM took only its weights and the KV cache bytes set.
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval().to(evaluation_device())
+    model = AutoModelForSequenceClassification.from_pretrained(folder, device_map=evaluation_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if isinstance(prompts[0], str):
         texts = [p + c for p, c in zip(prompts, completions)]

@@ -50,13 +50,18 @@ def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSe
         **engine_lora,
     )
     results = []
-    for each in gens:
-        params = SamplingParams(max_tokens=each.max_tokens, temperature=each.temperature, n=each.samples_per_prompt,
-                                seed=0)
-        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=requests.get(each.lora_path))
-        results.append([{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids),
-                         "texts": [sample.text for sample in out.outputs],
-                         "all_token_ids": [list(sample.token_ids) for sample in out.outputs]} for out in outputs])
+    try:
+        for each in gens:
+            params = SamplingParams(max_tokens=each.max_tokens, temperature=each.temperature,
+                                    n=each.samples_per_prompt, seed=0)
+            outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=requests.get(each.lora_path))
+            results.append([{"text": out.outputs[0].text, "token_ids": list(out.outputs[0].token_ids),
+                             "texts": [sample.text for sample in out.outputs],
+                             "all_token_ids": [list(sample.token_ids) for sample in out.outputs]} for out in outputs])
+    finally:
+        # Now, not when the garbage collector gets to `llm`: what the caller runs next in this task (a reward model
+        # scoring the completions) needs the memory the engine's process holds, on the GPU or on the node.
+        llm.llm_engine.engine_core.shutdown()
     return results
 
 

@@ -133,24 +133,23 @@ def load_model(path: str | os.PathLike, dtype=None, device=None):
 
     path = local_copy(str(path), exclude=training_state)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    if device is not None:
-        model = model.to(device)
+    # device_map: the weights load onto `device` directly, never whole in host memory first.
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, device_map=device)
     return model, tokenizer
 
 
 def evaluation_device() -> str:
-    """The GPU Ray gave this task, or the CPU. Ray leaves CUDA_VISIBLE_DEVICES alone for a task that asked for no
-    GPU, so `torch.cuda.is_available()` alone would put a CPU task's model on GPU 0 of its node: ask Ray what this
-    task holds. Outside Ray, any GPU the process sees."""
+    """"cuda" in a Ray task that holds a GPU, else "cpu". Ray leaves CUDA_VISIBLE_DEVICES alone for a task that asked
+    for no GPU, so CUDA alone would put a CPU task's model on GPU 0 of its node; and Ray is asked first because
+    touching CUDA in such a task fixes which GPUs its worker process sees for any task it runs later. A driver holds no GPU from
+    Ray, so it scores on the CPU; outside Ray, any GPU the process sees."""
     import ray
+
+    if ray.is_initialized() and not ray.get_gpu_ids():
+        return "cpu"
     import torch
 
-    if not torch.cuda.is_available():
-        return "cpu"
-    if ray.is_initialized():
-        return "cuda" if ray.get_gpu_ids() else "cpu"
-    return "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def latest_registered_checkpoint(run_dir: str) -> str | None:

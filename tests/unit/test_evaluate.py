@@ -89,26 +89,34 @@ def tiny_folder(tmp_path_factory):
                                       "_reward_model_scores"])
 def test_a_scoring_task_puts_its_model_on_the_gpu_it_holds(score_fn, gpu_ids, device, tiny_folder, monkeypatch):
     """A task that holds a GPU scores there, not only claims it; a CPU task on a GPU node scores on the CPU, though
-    Ray leaves CUDA_VISIBLE_DEVICES open to it. (No GPU here: `Module.to` records where it was sent and stays put.)"""
+    Ray leaves CUDA_VISIBLE_DEVICES open to it. (No GPU here: `from_pretrained` records its `device_map` and loads
+    on the CPU, and `Module.to` records where it was sent and stays put.)"""
     import ray
     import torch
+    from transformers import PreTrainedModel
 
     from rayloop import evaluate
 
     sent_to: list[str] = []
+    load = PreTrainedModel.from_pretrained.__func__
 
-    def record(module, *args, **kwargs):
+    def load_recording(cls, *args, device_map=None, **kwargs):
+        sent_to.append(str(device_map))
+        return load(cls, *args, **kwargs)
+
+    def to_recording(module, *args, **kwargs):
         sent_to.append(str(args[0] if args else kwargs.get("device")))
         return module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: gpu_ids)
-    monkeypatch.setattr(torch.nn.Module, "to", record)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(load_recording))
+    monkeypatch.setattr(torch.nn.Module, "to", to_recording)
     rows = ([{"prompt": "1+2=", "answer": "3"}] if score_fn == "exact_match_scores"
             else [{"prompt": "1+2=", "completion": "3"}] if score_fn == "loss_scores"
             else [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}])
-    if score_fn == "_reward_model_scores":  # a reward model folder among GRPO's rewards, beside the vLLM engine
+    if score_fn == "_reward_model_scores":  # a reward model folder among GRPO's rewards
         evaluate._reward_model_scores(tiny_folder, ["1+2="], ["3"])
     else:
         getattr(evaluate, score_fn)(tiny_folder, rows)

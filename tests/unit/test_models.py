@@ -58,3 +58,23 @@ def test_save_replaces_a_folder_atomically(tmp_path, tokenizer):
     out = save_hf_folder(model, tokenizer, tmp_path / "m")
     save_hf_folder(model, tokenizer, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or old folder left beside it
+
+
+@pytest.mark.parametrize("in_ray, gpu_ids, cuda, device", [
+    (True, [0], True, "cuda"),    # a Ray task that holds a GPU
+    (True, [], True, "cpu"),      # a CPU task on a GPU node: Ray leaves CUDA_VISIBLE_DEVICES open to it
+    (False, [], True, "cuda"),    # no Ray: any GPU the process sees
+    (False, [], False, "cpu"),
+], ids=["gpu_task", "cpu_task_on_a_gpu_node", "outside_ray_with_a_gpu", "no_gpu"])
+def test_evaluation_device_is_the_gpu_ray_gave_the_task(in_ray, gpu_ids, cuda, device, monkeypatch):
+    import ray
+
+    from rayloop.models import evaluation_device
+
+    cuda_asked: list[bool] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: in_ray)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: gpu_ids)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_asked.append(True) or cuda)
+    assert evaluation_device() == device
+    if in_ray and not gpu_ids:
+        assert not cuda_asked, "a CPU task touched CUDA"
