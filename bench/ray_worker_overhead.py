@@ -3,7 +3,7 @@
     .venv/bin/python bench/ray_worker_overhead.py            # CPU: `small` preset, bf16, 2 rounds (~6.5 min on 2 cores)
 
 One worker holding every CPU, so no gradient exchange is in the figures, `small` preset, 8 x 128 tokens a step.
-Each round runs, in turn:
+Each round runs, in turn (odd rounds in reverse order, so that no figure always runs first or last):
 - bench/pretrain.py's plain PyTorch loop in a process of its own (the baseline), in a Ray task, and in a Ray Train
   worker: what Ray's process and Ray Train's worker take from the same loop;
 - rayloop's step (bench/pretrain.py's DeepSpeed ZeRO-0 engine, as one worker would configure it) in a Ray Train
