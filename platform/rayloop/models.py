@@ -141,8 +141,8 @@ def load_model(path: str | os.PathLike, dtype=None, device=None):
 def evaluation_device() -> str:
     """"cuda" in a Ray task that holds a GPU, else "cpu". Ray leaves CUDA_VISIBLE_DEVICES alone for a task that asked
     for no GPU, so CUDA alone would put a CPU task's model on GPU 0 of its node; and Ray is asked first because
-    touching CUDA in such a task fixes which GPUs its worker process sees for any task it runs later. A driver holds no GPU from
-    Ray, so it scores on the CPU; outside Ray, any GPU the process sees."""
+    touching CUDA in such a task fixes which GPUs its worker process sees for any task it runs later. A driver holds
+    no GPU from Ray, so it scores on the CPU; outside Ray, any GPU the process sees."""
     import ray
 
     if ray.is_initialized() and not ray.get_gpu_ids():
@@ -180,8 +180,8 @@ def latest_registered_checkpoint(run_dir: str) -> str | None:
 
 def resolve_model_folder(path: str | os.PathLike) -> str:
     """The HF folder behind `path`, a local path or a URI (`s3://...`): the folder itself, a Ray Train checkpoint of
-    a rayloop job (its `hf/`, a LoRA run's `merged/` or TRL's `checkpoint/`), or a run folder (its newest registered checkpoint). Raises
-    ValueError saying what was looked for."""
+    a rayloop job (its `hf/`, a LoRA run's `merged/` or TRL's `checkpoint/`), or a run folder (its newest registered
+    checkpoint). Raises ValueError saying what was looked for."""
     from rayloop import storage
 
     root = storage.normalize(path)
