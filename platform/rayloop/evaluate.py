@@ -161,7 +161,8 @@ def preference_margins(model_dir: str, rows: list[dict]) -> list[float]:
 def reward_margins(model_dir: str, rows: list[dict]) -> list[float]:
     """Per held-out preference row: score(chosen) - score(rejected) of a reward model, each text ending in EOS as
     RewardTrainer trains it (the score is read at the last token). A causal LM start gets a fresh scoring head,
-    seeded, so the figure before training is that of a random head."""
+    seeded, so the figure before training is that of a random head (drawn on the scoring device: a GPU draws
+    another head than a CPU)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

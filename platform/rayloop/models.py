@@ -139,17 +139,22 @@ def load_model(path: str | os.PathLike, dtype=None, device=None):
 
 
 def evaluation_device() -> str:
-    """"cuda" in a Ray task that holds a GPU, else "cpu". Ray leaves CUDA_VISIBLE_DEVICES alone for a task that asked
-    for no GPU, so CUDA alone would put a CPU task's model on GPU 0 of its node; and Ray is asked first because
-    touching CUDA in such a task fixes which GPUs its worker process sees for any task it runs later. A driver holds
-    no GPU from Ray, so it scores on the CPU; outside Ray, any GPU the process sees."""
+    """In a Ray task, "cuda:0" (the GPU Ray gave it, device 0 as the task sees its GPUs) when it holds one, else
+    "cpu"; outside Ray, "cuda" where the process sees a GPU. Ray leaves CUDA_VISIBLE_DEVICES alone for a task that
+    asked for no GPU, so CUDA alone would put a CPU task's model on GPU 0 of its node; Ray is asked first, so that a
+    CPU task never initialises CUDA. The index is explicit because transformers reads a bare "cuda" device map as
+    the GPU of LOCAL_RANK, which need not be one this task holds."""
     import ray
 
-    if ray.is_initialized() and not ray.get_gpu_ids():
-        return "cpu"
+    if ray.is_initialized():
+        return "cuda:0" if ray.get_gpu_ids() and _cuda_available() else "cpu"
+    return "cuda" if _cuda_available() else "cpu"
+
+
+def _cuda_available() -> bool:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available()
 
 
 def latest_registered_checkpoint(run_dir: str) -> str | None:

@@ -84,7 +84,7 @@ def tiny_folder(tmp_path_factory):
                                    tmp_path_factory.mktemp("tiny") / "model"))
 
 
-@pytest.mark.parametrize("gpu_ids, device", [([0], "cuda"), ([], "cpu")], ids=["task_holds_a_gpu", "cpu_task"])
+@pytest.mark.parametrize("gpu_ids, device", [([0], "cuda:0"), ([], "cpu")], ids=["task_holds_a_gpu", "cpu_task"])
 @pytest.mark.parametrize("score_fn", ["exact_match_scores", "loss_scores", "preference_margins", "reward_margins",
                                       "_reward_model_scores"])
 def test_a_scoring_task_puts_its_model_on_the_gpu_it_holds(score_fn, gpu_ids, device, tiny_folder, monkeypatch):

@@ -61,11 +61,12 @@ def test_save_replaces_a_folder_atomically(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("in_ray, gpu_ids, cuda, device", [
-    (True, [0], True, "cuda"),    # a Ray task that holds a GPU
+    (True, [0], True, "cuda:0"),  # a Ray task that holds a GPU: its device 0, whatever LOCAL_RANK says
+    (True, [0], False, "cpu"),    # a GPU granted, but a torch without CUDA
     (True, [], True, "cpu"),      # a CPU task on a GPU node: Ray leaves CUDA_VISIBLE_DEVICES open to it
     (False, [], True, "cuda"),    # no Ray: any GPU the process sees
     (False, [], False, "cpu"),
-], ids=["gpu_task", "cpu_task_on_a_gpu_node", "outside_ray_with_a_gpu", "no_gpu"])
+], ids=["gpu_task", "gpu_task_cpu_torch", "cpu_task_on_a_gpu_node", "outside_ray_with_a_gpu", "no_gpu"])
 def test_evaluation_device_is_the_gpu_ray_gave_the_task(in_ray, gpu_ids, cuda, device, monkeypatch):
     import ray
 
