@@ -27,9 +27,13 @@ def _tensorboard_tags(log_dir: Path) -> set[str]:
     return tags
 
 
-def test_sft_raises_held_out_exact_match(sft_result):
-    result = sft_result["exact_match"]
-    assert result["ci_low"] > 0, f"SFT did not raise held-out exact match beyond its 95% CI: {result}"
+def test_sft_lowers_held_out_loss(sft_result):
+    """The held-out loss, not exact match: 600 steps come before exact match's late jump (the demo's 2000 steps),
+    and there its gain moves with the data order (`bench/sft_seeds.py --suite`, train.seed 0-3: +2.0 to +5.0
+    points, one CI spanning 0) while the loss falls from 1.30 to 0.88-0.90 under every order (CI highs -0.37 to
+    -0.39)."""
+    loss = sft_result["held_out_loss"]
+    assert loss["n"] == 300 and loss["ci_high"] < 0 and loss["after"] < 0.8 * loss["before"], loss
     assert sft_result["step"] == 600
     load_model(sft_result["model_dir"])  # an ordinary HF folder
 
