@@ -3,7 +3,7 @@
     .venv/bin/python bench/sft_seeds.py                      # seeds 0,1,2, both precisions: ~25 min on 2 cores
     .venv/bin/python bench/sft_seeds.py --cross              # also SFT each pretrained model in the other precision
     .venv/bin/python bench/sft_seeds.py --seeds 0 --precisions fp32
-    .venv/bin/python bench/sft_seeds.py --suite --precisions auto --seeds 0,1,2,3   # the test suite's SFT (~8 min)
+    .venv/bin/python bench/sft_seeds.py --suite --precisions auto --seeds 0,1,2,3   # the test suite's SFT (~7 min)
 
 Not a speed benchmark. The demo's SFT figure (held-out exact match after `jobs/configs/sft_tiny.yaml`) sits on a
 late, steep climb, and where the climb lands at the last step moves with anything that changes the trajectory: the
@@ -75,7 +75,8 @@ def main() -> None:
                 em, loss = summary["exact_match"], summary["held_out_loss"]
                 results.append({"pretrained_in": pretrained_in, "precision": precision, "seed": seed,
                                 "setting": "suite fixture" if args.suite else "demo",
-                                "pretrain_eval_loss": round(pre["eval_loss"], 3), "exact_match": round(em["after"], 3),
+                                "pretrain_eval_loss": round(pre["eval_loss"], 3),
+                                "exact_match_before": round(em["before"], 3), "exact_match": round(em["after"], 3),
                                 "exact_match_gain_ci": [round(em["ci_low"], 3), round(em["ci_high"], 3)],
                                 "held_out_loss": [round(loss["before"], 3), round(loss["after"], 3)],
                                 "held_out_loss_change_ci": [round(loss["ci_low"], 3), round(loss["ci_high"], 3)],
@@ -89,14 +90,16 @@ def main() -> None:
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps(previous + results, indent=1) + "\n")
-    print(f"\nheld-out exact match after the {'suite' if args.suite else 'demo'}'s SFT "
-          f"({'300' if args.suite else '1000'} problems), per chain and SFT seed:")
+    held_out = SUITE_TASK[-1] if args.suite else TASK[-1]
+    print(f"\nheld-out exact match (and loss) after the {'suite' if args.suite else 'demo'}'s SFT "
+          f"({held_out.split('=')[1]} problems), per chain and SFT seed:")
     for pretrained_in in precisions:
         for precision in precisions:
             row = [r for r in results if (r["pretrained_in"], r["precision"]) == (pretrained_in, precision)]
             if row:
+                seeds = ", ".join(f"seed {r['seed']} {r['exact_match']:.1%} ({r['held_out_loss'][1]:.3f})" for r in row)
                 print(f"  pretrained in {pretrained_in} (eval loss {row[0]['pretrain_eval_loss']:.3f}), SFT in "
-                      f"{precision}: " + ", ".join(f"seed {r['seed']} {r['exact_match']:.1%}" for r in row))
+                      f"{precision}: {seeds}")
     print(f"figures appended to {out}")
 
 

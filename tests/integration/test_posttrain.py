@@ -34,6 +34,7 @@ def test_sft_lowers_held_out_loss(sft_result):
     -0.39)."""
     loss = sft_result["held_out_loss"]
     assert loss["n"] == 300 and loss["ci_high"] < 0 and loss["after"] < 0.8 * loss["before"], loss
+    assert sft_result["exact_match"]["n"] == 300  # still measured and printed where the data carries answers
     assert sft_result["step"] == 600
     load_model(sft_result["model_dir"])  # an ordinary HF folder
 
