@@ -3,7 +3,7 @@
     .venv/bin/python bench/sft_seeds.py                      # seeds 0,1,2, both precisions: ~25 min on 2 cores
     .venv/bin/python bench/sft_seeds.py --cross              # also SFT each pretrained model in the other precision
     .venv/bin/python bench/sft_seeds.py --seeds 0 --precisions fp32
-    .venv/bin/python bench/sft_seeds.py --suite --precisions auto --seeds 0,1,2,3   # the test suite's SFT (~7 min)
+    .venv/bin/python bench/sft_seeds.py --suite --seeds 0,1,2,3   # the test suite's SFT, in `auto` as it is (~7 min)
 
 Not a speed benchmark. The demo's SFT figure (held-out exact match after `jobs/configs/sft_tiny.yaml`) sits on a
 late, steep climb, and where the climb lands at the last step moves with anything that changes the trajectory: the
@@ -40,7 +40,8 @@ SUITE_SFT = ["--train.steps=600", "--train.checkpoint_every=300"]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2", help="SFT seeds (train.seed: the data order)")
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--precisions", help="deepspeed.precision values (default: fp32,bf16; with --suite, auto, "
+                                              "as the suite's fixture sets none)")
     parser.add_argument("--cross", action="store_true", help="SFT each pretrained model in every precision")
     parser.add_argument("--suite", action="store_true", help="the test suite's SFT fixture instead of the demo's")
     parser.add_argument("--out", default=str(ROOT / "bench/results/sft_seeds.json"))
@@ -54,7 +55,7 @@ def main() -> None:
     storage = tempfile.mkdtemp(prefix="rayloop-sft-seeds-")
     print(f"runs in {storage}", flush=True)
     init_ray()
-    precisions = args.precisions.split(",")
+    precisions = (args.precisions or ("auto" if args.suite else "fp32,bf16")).split(",")
     results = []
     for pretrained_in in precisions:
         # Unregistered: a set MLFLOW_TRACKING_URI would otherwise receive every probe model.
@@ -76,6 +77,8 @@ def main() -> None:
                 results.append({"pretrained_in": pretrained_in, "precision": precision, "seed": seed,
                                 "setting": "suite fixture" if args.suite else "demo",
                                 "pretrain_eval_loss": round(pre["eval_loss"], 3),
+                                # What `auto` resolved to; the SFT on the same machine resolves it the same way.
+                                "pretrain_precision": pre["precision"],
                                 "exact_match_before": round(em["before"], 3), "exact_match": round(em["after"], 3),
                                 "exact_match_gain_ci": [round(em["ci_low"], 3), round(em["ci_high"], 3)],
                                 "held_out_loss": [round(loss["before"], 3), round(loss["after"], 3)],

@@ -60,8 +60,10 @@ def vllm_generate_each(model_dir: str, prompts: list[str], gens: list[GenerateSe
                              "all_token_ids": [list(sample.token_ids) for sample in out.outputs]} for out in outputs])
     finally:
         # Now, not when the garbage collector gets to `llm`: what the caller runs next in this task (a reward model
-        # scoring the completions) needs the memory the engine's process holds, on the GPU or on the node.
+        # scoring the completions) needs the memory the engine holds, on the GPU or on the node. Shutdown stops the
+        # engine's process; with vLLM's in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) the weights go with `llm`.
         llm.llm_engine.engine_core.shutdown()
+        del llm
     return results
 
 

@@ -139,11 +139,11 @@ def load_model(path: str | os.PathLike, dtype=None, device=None):
 
 
 def evaluation_device() -> str:
-    """In a Ray task, "cuda:0" (the GPU Ray gave it, device 0 as the task sees its GPUs) when it holds one, else
-    "cpu"; outside Ray, "cuda" where the process sees a GPU. Ray leaves CUDA_VISIBLE_DEVICES alone for a task that
-    asked for no GPU, so CUDA alone would put a CPU task's model on GPU 0 of its node; Ray is asked first, so that a
-    CPU task never initialises CUDA. The index is explicit because transformers reads a bare "cuda" device map as
-    the GPU of LOCAL_RANK, which need not be one this task holds."""
+    """Where Ray is initialised, "cuda:0" when Ray gave this task or actor a GPU (device 0 as it sees its GPUs), else
+    "cpu" (a driver holds no GPU); without Ray, "cuda" where the process sees a GPU. Ray leaves CUDA_VISIBLE_DEVICES
+    alone for a task that asked for no GPU, so CUDA alone would put a CPU task's model on GPU 0 of its node; Ray is
+    asked first, so that a CPU task never initialises CUDA. The index is explicit because transformers reads a bare
+    "cuda" device map as the GPU of LOCAL_RANK, which need not be one this task holds."""
     import ray
 
     if ray.is_initialized():
