@@ -24,8 +24,15 @@ class DPOJobConfig(PostTrainConfig):
 
     job_name = "dpo"
     data_format = "dpo"
+    trl_reserved = {"max_length": "train.max_length", "eval_strategy": "train.checkpoint_every",
+                    "eval_steps": "train.checkpoint_every", "beta": "beta"}
     beta: float = Field(default=0.1, gt=0)
     """DPO's temperature: how far the policy may move from the reference."""
+
+    def trl_config_class(self):
+        from trl import DPOConfig
+
+        return DPOConfig
 
     def task_data(self):
         from rayloop.tasks import ArithmeticTask
@@ -35,13 +42,16 @@ class DPOJobConfig(PostTrainConfig):
 
 
 def build_trainer(cfg: DPOJobConfig, model_dir: str, args: dict):
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
+
+    from rayloop.trl_config import build
 
     train, held_out = cfg.data()
     return DPOTrainer(
         model=model_dir,
-        args=DPOConfig(**args, beta=cfg.beta, max_length=cfg.train.max_length, eval_strategy="steps",
-                       eval_steps=cfg.train.checkpoint_every),
+        args=build(cfg.trl_config_class(), {**args, "beta": cfg.beta, "max_length": cfg.train.max_length,
+                                            "eval_strategy": "steps", "eval_steps": cfg.train.checkpoint_every},
+                   cfg.trl.overrides),
         train_dataset=train,
         eval_dataset=held_out,
         peft_config=cfg.peft_config(),

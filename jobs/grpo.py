@@ -33,6 +33,13 @@ class GRPOJobConfig(PostTrainConfig):
 
     job_name = "grpo"
     data_format = "grpo"
+    trl_reserved = {
+        "num_generations": "rollout.num_generations", "max_completion_length": "rollout.max_completion_length",
+        "temperature": "rollout.temperature", "use_vllm": "rollout.engine", "vllm_mode": "rollout.vllm_mode",
+        "vllm_max_model_length": "rollout.max_model_len",
+        "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
+        "vllm_server_base_url": "rollout.server_base_url", "beta": "beta", "reward_weights": "rewards",
+        "log_completions": "nothing: completions stay out of the logs"}
     algorithm: Literal["grpo", "rloo"] = "grpo"
     """`grpo`: group-normalised advantages (TRL GRPOTrainer); `rloo`: leave-one-out baseline (TRL RLOOTrainer).
     TRL 1.16 ships no PPO trainer."""
@@ -45,6 +52,14 @@ class GRPOJobConfig(PostTrainConfig):
     eval_samples: int = Field(default=16, ge=1)
     """Completions sampled per held-out prompt at `rollout.temperature` for the held-out mean reward of sampled
     completions (the quantity GRPO optimises), reported beside that of greedy ones."""
+
+    def trl_config_class(self):
+        from trl import GRPOConfig, RLOOConfig
+
+        return GRPOConfig if self.algorithm == "grpo" else RLOOConfig
+
+    def trl_known_args(self):
+        return super().trl_known_args() | {"num_generations": self.rollout.num_generations}
 
     def task_data(self):
         from rayloop.tasks import ArithmeticTask
@@ -85,12 +100,13 @@ class GRPOJobConfig(PostTrainConfig):
 
 
 def build_trainer(cfg: GRPOJobConfig, model_dir: str, args: dict):
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 
     from rayloop.posttrain import colocated_vllm_options, online_generation_arguments, use_cpu_weight_sync
     from rayloop.rewards import reward_funcs
+    from rayloop.trl_config import build
 
-    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if cfg.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    trainer_cls = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
     funcs, weights = reward_funcs(cfg.rewards)
     online = online_generation_arguments(cfg.rollout)
     dataset, _ = cfg.data()
@@ -98,7 +114,8 @@ def build_trainer(cfg: GRPOJobConfig, model_dir: str, args: dict):
         trainer = trainer_cls(
             model=model_dir,
             reward_funcs=funcs,
-            args=config_cls(**args, **online, beta=cfg.beta, reward_weights=weights, log_completions=False),
+            args=build(cfg.trl_config_class(), {**args, **online, "beta": cfg.beta, "reward_weights": weights,
+                                                "log_completions": False}, cfg.trl.overrides),
             train_dataset=dataset,
             peft_config=cfg.peft_config(),
         )

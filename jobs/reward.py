@@ -24,6 +24,8 @@ class RewardJobConfig(PostTrainConfig):
 
     job_name = "reward"
     data_format = "reward"
+    trl_reserved = {"max_length": "train.max_length", "eval_strategy": "train.checkpoint_every",
+                    "eval_steps": "train.checkpoint_every"}
     # A scalar-output model cannot answer the task, so no generated held-out accuracy; its eval is pair accuracy.
     train: PostTrainSection = PostTrainSection(eval_samples=0)
     rejected_per_problem: int = Field(default=1, ge=1)
@@ -37,6 +39,11 @@ class RewardJobConfig(PostTrainConfig):
                              "and grpo")
         return self
 
+    def trl_config_class(self):
+        from trl import RewardConfig
+
+        return RewardConfig
+
     def task_data(self):
         from rayloop.tasks import ArithmeticTask
 
@@ -45,13 +52,15 @@ class RewardJobConfig(PostTrainConfig):
 
 
 def build_trainer(cfg: RewardJobConfig, model_dir: str, args: dict):
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
+
+    from rayloop.trl_config import build
 
     train, held_out = cfg.data()
     return RewardTrainer(
         model=model_dir,
-        args=RewardConfig(**args, max_length=cfg.train.max_length, eval_strategy="steps",
-                          eval_steps=cfg.train.checkpoint_every),
+        args=build(cfg.trl_config_class(), {**args, "max_length": cfg.train.max_length, "eval_strategy": "steps",
+                                            "eval_steps": cfg.train.checkpoint_every}, cfg.trl.overrides),
         train_dataset=train,
         eval_dataset=held_out,
     )

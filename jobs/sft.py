@@ -21,6 +21,13 @@ class SFTJobConfig(PostTrainConfig):
 
     job_name = "sft"
     data_format = "sft"
+    trl_reserved = {"max_length": "train.max_length", "eval_strategy": "train.checkpoint_every",
+                    "eval_steps": "train.checkpoint_every"}
+
+    def trl_config_class(self):
+        from trl import SFTConfig
+
+        return SFTConfig
 
     def task_data(self):
         from rayloop.tasks import ArithmeticTask
@@ -31,13 +38,15 @@ class SFTJobConfig(PostTrainConfig):
 
 
 def build_trainer(cfg: SFTJobConfig, model_dir: str, args: dict):
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
+
+    from rayloop.trl_config import build
 
     train, held_out = cfg.data()
     return SFTTrainer(
         model=model_dir,
-        args=SFTConfig(**args, max_length=cfg.train.max_length, eval_strategy="steps",
-                       eval_steps=cfg.train.checkpoint_every),
+        args=build(cfg.trl_config_class(), {**args, "max_length": cfg.train.max_length, "eval_strategy": "steps",
+                                            "eval_steps": cfg.train.checkpoint_every}, cfg.trl.overrides),
         train_dataset=train,
         eval_dataset=held_out,
         peft_config=cfg.peft_config(),

@@ -299,9 +299,10 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """Split `--config PATH` from `--a.b=value` / `--a.b value` overrides; values are parsed as YAML scalars."""
-    config_path, overrides, i = None, {}, 0
+def parse_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Split `--config PATH` (repeatable: later files merge over earlier ones) from `--a.b=value` / `--a.b value`
+    overrides; values are parsed as YAML scalars."""
+    config_paths, overrides, i = [], {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
@@ -313,30 +314,43 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
             raw, i = argv[i + 1], i + 1
         i += 1
         if key == "config":
-            config_path = raw
+            config_paths.append(raw)
         else:
             overrides[key] = yaml.safe_load(raw) if raw != "" else ""
-    return config_path, overrides
+    return config_paths, overrides
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, section by section (a mapping in both merges; anything else replaces)."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = (_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict)
+                       else value)
+    return merged
+
+
+def _read_config_file(config_path: str) -> dict:
+    file = Path(config_path)
+    if not file.is_file():
+        raise ConfigError(f"--config: no such file {config_path!r}")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config: {config_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"--config: {config_path} must hold a mapping of sections, not {type(loaded).__name__}")
+    return loaded or {}
 
 
 def load_config(cls: type[C], argv: list[str] | None = None, *, path: str | None = None,
                 context: dict | None = None) -> C:
-    """Build a `cls` from an optional YAML file and dotted overrides; raise ConfigError naming the field.
+    """Build a `cls` from optional YAML files (each merged over the one before) and dotted overrides; raise
+    ConfigError naming the field.
     `context` reaches the validators (a pipeline marks models that an earlier stage has yet to write)."""
-    config_path, overrides = parse_args(list(argv or []))
-    config_path = config_path or path
+    config_paths, overrides = parse_args(list(argv or []))
     data: dict[str, Any] = {}
-    if config_path is not None:
-        file = Path(config_path)
-        if not file.is_file():
-            raise ConfigError(f"--config: no such file {config_path!r}")
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config: {config_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {config_path} must hold a mapping of sections, not {type(loaded).__name__}")
-        data = loaded or {}
+    for config_path in config_paths or ([path] if path is not None else []):
+        data = _merge(data, _read_config_file(config_path))
     for dotted, value in overrides.items():
         _set_dotted(data, dotted, value)
     return validate(cls, data, context)
@@ -375,7 +389,7 @@ def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = Non
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
-        print(f"usage: python -m <job> [--config PATH] [--section.field=value ...] [--verbose]\n\n"
+        print(f"usage: python -m <job> [--config PATH ...] [--section.field=value ...] [--verbose]\n\n"
               f"{cls.__doc__ or ''}\n\n  --verbose  (flag)  Ray's, vLLM's, DeepSpeed's and TRL's output here "
               f"instead of the run's log file")
         print("\n".join(describe_fields(cls)))

@@ -33,6 +33,7 @@ from rayloop.config import (DeepSpeedSection, JobConfig, JobError, MiB, OptimSec
                             StartModelSection, TaskSection)
 from rayloop.console import say
 from rayloop.dataset import DatasetSection
+from rayloop.trl_config import TRLSection
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,30 @@ class PostTrainConfig(JobConfig):
     train: PostTrainSection = PostTrainSection()
     lora: LoraSection | None = None
     """Train a LoRA adapter instead of every weight (`lora: {}` for the defaults); unset: full fine-tuning."""
+    trl: TRLSection = TRLSection()
+    """Further fields of the job's TRL config class, by TRL's own names (rayloop/trl_config.py)."""
+    trl_reserved: ClassVar[dict[str, str]] = {}
+    """Fields of the TRL config class that the job's `build_trainer` sets besides `training_arguments`, each with
+    the rayloop field a user sets instead (trl.overrides refuses them)."""
+
+    def trl_config_class(self) -> type:
+        """The TRL config class the job's trainer takes (SFTConfig, DPOConfig, ...)."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _trl_overrides_fit(self):
+        if self.trl.overrides:
+            from rayloop.trl_config import check
+
+            check(self.trl_config_class(), self.trl.overrides, self.trl_reserved, self.trl_known_args())
+        return self
+
+    def trl_known_args(self) -> dict[str, Any]:
+        """The TRL config's batch fields as this config sets them on one process (TRL's own checks of the
+        overrides read them)."""
+        return {"per_device_train_batch_size": self.train.per_device_batch_size,
+                "per_device_eval_batch_size": self.train.per_device_batch_size,
+                "gradient_accumulation_steps": self.train.grad_accum}
 
     @model_validator(mode="after")
     def _lora_targets_exist(self):
