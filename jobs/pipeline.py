@@ -49,6 +49,10 @@ class PipelineConfig(PretrainConfig):
     """Config of the GRPO stage (jobs.grpo); unset: no GRPO."""
     endpoint: EndpointSection = EndpointSection()
     """The live endpoint at the end of the loop."""
+    seed: int | None = None
+    """One seed for the whole loop: the model's initialisation (model.seed) and every stage's data order (data.seed,
+    each stage's train.seed). Unset: each keeps its own. The task's split (task.seed) stays apart, so runs of
+    different seeds are measured on the same held-out problems."""
     _stages: list = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
@@ -57,6 +61,8 @@ class PipelineConfig(PretrainConfig):
         from jobs.sft import SFTJobConfig
 
         self._stages = []
+        if self.seed is not None:
+            self.model.seed = self.data.seed = self.seed
         for field, cls, suffix in (("sft_config", SFTJobConfig, "sft"), ("grpo_config", GRPOJobConfig, "grpo")):
             path = getattr(self, field)
             if path is None:
@@ -68,6 +74,8 @@ class PipelineConfig(PretrainConfig):
             # One task split for every stage, or the held-out problems would leak into training.
             stage.task = self.task
             stage.ray = self.ray
+            if self.seed is not None:
+                stage.train.seed = self.seed
             stage.registry = self.registry
             stage.storage = self.storage.model_copy(update={"name": f"{self.storage.name}-{suffix}"})
             self._stages.append((suffix, stage))

@@ -20,14 +20,26 @@ class Problem:
     a: int
     op: str
     b: int
+    width: int = 0
+    """Digits of each operand, zero-padded (`07+45=`), and of the answer's magnitude, one more (`052`); 0: as
+    written (`7+45=52`)."""
 
     @property
     def prompt(self) -> str:
-        return f"{self.a}{self.op}{self.b}="
+        return f"{self.a:0{self.width}d}{self.op}{self.b:0{self.width}d}="
+
+    @property
+    def value(self) -> int:
+        return self.a + self.b if self.op == "+" else self.a - self.b
 
     @property
     def answer(self) -> str:
-        return str(self.a + self.b if self.op == "+" else self.a - self.b)
+        return self.format(self.value)
+
+    def format(self, value: int) -> str:
+        """`value` written as this problem's answers are."""
+        digits = f"{abs(value):0{self.width + 1 if self.width else 0}d}"
+        return f"-{digits}" if value < 0 else digits
 
     @property
     def text(self) -> str:
@@ -53,17 +65,20 @@ def score(completion: str, answer: str) -> float:
 
 
 def wrong_answer(problem: Problem, rng: random.Random) -> str:
-    """A plausible wrong answer: the right one with one digit changed, or off by a small amount."""
+    """A plausible wrong answer, written as the right one is: the right one with one digit changed, or off by a small
+    amount."""
     right = problem.answer
     digits = [i for i, c in enumerate(right) if c.isdigit()]
     while True:
         if rng.random() < 0.5:
             i = rng.choice(digits)
             candidate = right[:i] + str(rng.choice([d for d in range(10) if str(d) != right[i]])) + right[i + 1:]
-            if len(candidate) > 1 and candidate.lstrip("-").startswith("0"):
+            if not problem.width and len(candidate) > 1 and candidate.lstrip("-").startswith("0"):
                 continue
+            if problem.width and candidate.lstrip("-").strip("0") == "" and candidate.startswith("-"):
+                continue  # "-000" is no way to write zero
         else:
-            candidate = str(int(right) + rng.choice([-10, -2, -1, 1, 2, 10]))
+            candidate = problem.format(problem.value + rng.choice([-10, -2, -1, 1, 2, 10]))
         if candidate != right:
             return candidate
 
@@ -86,7 +101,8 @@ class ArithmeticTask:
         seen: set[Problem] = set()
         problems: list[Problem] = []
         while len(problems) < cfg.num_train + cfg.num_eval:
-            problem = Problem(rng.randint(0, high), rng.choice(cfg.ops), rng.randint(0, high))
+            problem = Problem(rng.randint(0, high), rng.choice(cfg.ops), rng.randint(0, high),
+                              cfg.max_digits if cfg.fixed_width else 0)
             if problem not in seen:
                 seen.add(problem)
                 problems.append(problem)
@@ -101,7 +117,7 @@ class ArithmeticTask:
         return self._splits[1]
 
     def pretrain_corpus(self) -> list[str]:
-        """One document per training problem: `12+34=46`."""
+        """One document per training problem: `12+34=046` (`12+34=46` without `fixed_width`)."""
         return [p.text for p in self.train_problems]
 
     def sft_examples(self) -> list[dict]:

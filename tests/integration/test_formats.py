@@ -106,3 +106,22 @@ def test_online_rl_on_each_format_raises_the_users_held_out_reward(sft_result, p
     sampled = summary["sampled_reward"]  # the share of sampled held-out completions that contain "7"
     assert sampled["n"] == 48 and sampled["ci_low"] > 0, sampled
     assert ("lora" in summary) == lora and summary["model_dir"].endswith("merged" if lora else "checkpoint"), summary
+
+
+@pytest.mark.parametrize("family", ["dr_grpo", "dapo", "gspo"])
+def test_each_algorithm_family_from_its_config_raises_the_users_held_out_reward(sft_result, posttrain_runs, tmp_path,
+                                                                                family):
+    """Dr. GRPO, DAPO and GSPO, each from its file of trl.overrides alone (jobs/configs/algorithms/), on the
+    README's own reward: TRL's loss takes the family's knobs, and the held-out reward rises."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(conversational=False))
+    cfg = posttrain_config(grpo.GRPOJobConfig, "grpo_tiny.yaml", posttrain_runs,
+                           "--config", f"jobs/configs/algorithms/{family}.yaml",
+                           f"--model.name_or_path={sft_result['model_dir']}", f"--dataset.path={data}",
+                           "--dataset.eval_fraction=0.2", f"--rewards=[{{function: '{REWARD_EXAMPLE}'}}]",
+                           f"--storage.name=family-{family}", "--train.steps=10", "--train.checkpoint_every=10",
+                           "--train.per_device_batch_size=32", "--rollout.num_generations=4",
+                           "--rollout.temperature=1.0", "--eval_samples=8", "--optim.lr=1e-3")
+    assert cfg.trl.overrides, "the family's file reached the config"
+    summary = grpo.main(cfg)
+    sampled = summary["sampled_reward"]  # the share of sampled held-out completions that contain "7"
+    assert sampled["n"] == 48 and sampled["ci_low"] > 0, sampled

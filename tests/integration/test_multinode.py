@@ -325,7 +325,7 @@ def test_serve_deploy_loads_the_model_and_a_lora_adapter_from_s3_on_a_worker_nod
     output = cluster.submit(ROOT, "python", "-m", "serve.deploy", f"--models={models}", f"--port={PORT}",
                             "--ingress=openai", f"--auth.api_key_file={key_file(tmp_path)}")
     assert '"models": ["policy"]' in output, output[-2000:]
-    prompts = ["12+34=", "7+8=", "55-21=", "3+99=", "40-7=", "61+19="]
+    prompts = ["12+34=", "07+08=", "55-21=", "03+99=", "40-07=", "61+19="]
 
     def ask():
         client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=KEY, max_retries=2, timeout=120)

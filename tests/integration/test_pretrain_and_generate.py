@@ -14,7 +14,8 @@ from rayloop.tasks import ArithmeticTask
 def test_zero2_on_two_workers_lowers_eval_loss(pretrain_result):
     before, after = pretrain_result["eval_loss_before"], pretrain_result["eval_loss"]
     assert math.isfinite(before) and math.isfinite(after)
-    # Untrained, the loss is about ln(vocab) ~ 5.8; 300 steps of the tiny model on the task corpus reach ~1.35 (fp32).
+    # Untrained, the loss is about ln(vocab) ~ 5.8; 300 steps on the task corpus leave the answers learnt in part and
+    # the operands, random digits, as unpredictable as ever.
     assert after < 0.3 * before, f"eval loss {before:.3f} -> {after:.3f}: expected it to fall below 30%"
     assert pretrain_result["step"] == 300 and len(pretrain_result["worker_nodes"]) == 2
 

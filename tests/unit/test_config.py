@@ -83,3 +83,27 @@ def test_data_path_must_exist_for_file_sources(tmp_path):
         load_config(PretrainConfig, ["--data.source=hf"])
     with pytest.raises(ConfigError, match="offload_param needs"):
         load_config(PretrainConfig, ["--deepspeed.offload_param=true"])
+
+
+def test_config_files_merge_in_order_then_dotted_overrides(tmp_path):
+    base, overlay = tmp_path / "base.yaml", tmp_path / "overlay.yaml"
+    base.write_text("optim: {lr: 0.01, warmup_steps: 3}\ntrain: {steps: 7}\ndeepspeed: {overrides: {a: 1}}\n")
+    overlay.write_text("optim: {lr: 0.02}\ndeepspeed: {overrides: {b: 2}}\n")
+    cfg = load_config(PretrainConfig, ["--config", str(base), "--config", str(overlay), "--train.steps=9"])
+    # A section in both merges key by key; the later file wins a key both set; the command line wins last.
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps) == (0.02, 3, 9)
+    assert cfg.deepspeed.overrides == {"a": 1, "b": 2}
+    assert parse_args(["--config", "a", "--x.y=1", "--config", "b"]) == (["a", "b"], {"x.y": 1})
+    with pytest.raises(ConfigError, match=r"--config: no such file '.*missing.yaml'"):
+        load_config(PretrainConfig, ["--config", str(base), "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_pipeline_seed_reaches_every_stage_but_not_the_task_split():
+    from jobs.pipeline import PipelineConfig
+
+    cfg = load_config(PipelineConfig, ["--config", "jobs/configs/pipeline_tiny.yaml", "--seed=3"])
+    assert (cfg.model.seed, cfg.data.seed, cfg.task.seed) == (3, 3, 0)
+    assert [(name, stage.train.seed, stage.task.seed) for name, stage in cfg._stages] == [("sft", 3, 0),
+                                                                                          ("grpo", 3, 0)]
+    unseeded = load_config(PipelineConfig, ["--config", "jobs/configs/pipeline_tiny.yaml"])
+    assert [stage.train.seed for _, stage in unseeded._stages] == [0, 0]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from rayloop.config import TaskSection
@@ -22,15 +24,28 @@ def test_splits_are_disjoint_and_sized():
 def test_answers_are_right():
     assert Problem(12, "+", 30).text == "12+30=42"
     assert Problem(5, "-", 17).text == "5-17=-12"
-    for example in ArithmeticTask(TaskSection(num_train=200)).sft_examples():
-        assert eval(example["prompt"].rstrip("=")) == int(example["completion"])
+    for fixed_width in (True, False):
+        for example in ArithmeticTask(TaskSection(num_train=200, fixed_width=fixed_width)).sft_examples():
+            a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=", example["prompt"]).groups()
+            assert int(a) + (int(b) if op == "+" else -int(b)) == int(example["completion"])
 
 
-def test_rejected_answers_are_wrong_and_well_formed():
-    for pair in ArithmeticTask(TaskSection(num_train=300)).preference_pairs():
+def test_fixed_width_puts_every_digit_in_its_place():
+    assert Problem(7, "+", 45, width=2).text == "07+45=052"
+    assert Problem(5, "-", 17, width=2).text == "05-17=-012"
+    assert Problem(99, "+", 99, width=2).text == "99+99=198"
+    texts = ArithmeticTask(TaskSection(num_train=300)).pretrain_corpus()  # fixed width is the default
+    assert {len(t.lstrip("-").replace("=-", "=")) for t in texts} == {9}
+
+
+@pytest.mark.parametrize("fixed_width", [True, False])
+def test_rejected_answers_are_wrong_and_well_formed(fixed_width):
+    for pair in ArithmeticTask(TaskSection(num_train=300, fixed_width=fixed_width)).preference_pairs():
         assert pair["rejected"] != pair["chosen"]
         assert score(pair["rejected"], pair["chosen"]) == 0.0
         int(pair["rejected"])
+        if fixed_width:  # written as the right answers are: a reward model cannot tell them apart by their width
+            assert len(pair["rejected"].lstrip("-")) == len(pair["chosen"].lstrip("-")) == 3, pair
 
 
 def test_several_rejected_answers_per_problem():
