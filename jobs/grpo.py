@@ -39,7 +39,9 @@ class GRPOJobConfig(PostTrainConfig):
         "vllm_max_model_length": "rollout.max_model_len",
         "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
         "vllm_server_base_url": "rollout.server_base_url", "beta": "beta", "reward_weights": "rewards",
-        "log_completions": "nothing: completions stay out of the logs"}
+        "log_completions": "nothing: completions stay out of the logs",
+        # No eval_dataset reaches the trainer: the job evaluates the held-out prompts itself, after training.
+        "eval_strategy": "eval_samples", "eval_steps": "eval_samples", "do_eval": "eval_samples"}
     algorithm: Literal["grpo", "rloo"] = "grpo"
     """`grpo`: group-normalised advantages (TRL GRPOTrainer); `rloo`: leave-one-out baseline (TRL RLOOTrainer).
     TRL 1.16 ships no PPO trainer."""

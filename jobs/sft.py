@@ -11,6 +11,8 @@ task's data greedy exact-match accuracy.
 
 from __future__ import annotations
 
+from pydantic import model_validator
+
 from rayloop.config import run_cli
 from rayloop.console import say
 from rayloop.posttrain import PostTrainConfig
@@ -28,6 +30,14 @@ class SFTJobConfig(PostTrainConfig):
         from trl import SFTConfig
 
         return SFTConfig
+
+    @model_validator(mode="after")
+    def _assistant_only_loss_needs_conversations(self):
+        if self.trl.overrides.get("assistant_only_loss") and self.dataset.path is None:
+            raise ValueError("trl.overrides.assistant_only_loss: the task's data are plain prompt-completion "
+                             "strings, with no assistant turns (TRL's completion_only_loss, on by default, already "
+                             "trains on the completions only)")
+        return self
 
     def task_data(self):
         from rayloop.tasks import ArithmeticTask

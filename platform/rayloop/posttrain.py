@@ -122,14 +122,15 @@ class PostTrainConfig(JobConfig):
         if self.trl.overrides:
             from rayloop.trl_config import check
 
-            check(self.trl_config_class(), self.trl.overrides, self.trl_reserved, self.trl_known_args())
+            self.trl.overrides = check(self.trl_config_class(), self.trl.overrides, self.trl_reserved,
+                                       self.trl_known_args())
         return self
 
     def trl_known_args(self) -> dict[str, Any]:
-        """The TRL config's batch fields as this config sets them on one process (TRL's own checks of the
-        overrides read them)."""
-        return {"per_device_train_batch_size": self.train.per_device_batch_size,
-                "per_device_eval_batch_size": self.train.per_device_batch_size,
+        """The TRL config's batch fields for TRL's own checks of the overrides, which run in the driver, one
+        process: the per-device batch times the workers stands for the workers' global batch."""
+        world = self.train.per_device_batch_size * self.scaling.num_workers
+        return {"per_device_train_batch_size": world, "per_device_eval_batch_size": world,
                 "gradient_accumulation_steps": self.train.grad_accum}
 
     @model_validator(mode="after")

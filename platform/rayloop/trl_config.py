@@ -53,9 +53,14 @@ TRAINING_ARGUMENTS: dict[str, str] = {
     "dataloader_num_workers": "nothing: rayloop's workers load data in-process",
     "disable_tqdm": "nothing: the driver draws the stage's progress",
 }
-# Precision flags rayloop decides (deepspeed.precision) though training_arguments names only bf16.
-PRECISION_KEYS: dict[str, str] = {"fp16": "deepspeed.precision", "tf32": "deepspeed.precision",
-                                  "half_precision_backend": "deepspeed.precision"}
+# Keys training_arguments leaves out that rayloop decides all the same: precision (deepspeed.precision), and the
+# optimizer and sharding, which DeepSpeed's config holds (an `optim` here would be ignored under it; FSDP refuses to
+# run beside it).
+ALSO_RESERVED: dict[str, str] = {
+    "fp16": "deepspeed.precision", "tf32": "deepspeed.precision", "half_precision_backend": "deepspeed.precision",
+    "optim": "deepspeed.overrides (its `optimizer` section)", "optim_args": "deepspeed.overrides",
+    "fsdp": "deepspeed (rayloop shards with DeepSpeed ZeRO)", "fsdp_config": "deepspeed (rayloop shards with ZeRO)",
+}
 
 # Fields whose values TRL checks only when the loss is first computed (a run that fails minutes into Ray) or never,
 # with the values TRL documents for them. tests/unit/test_trl_config.py reads each field's help text in the installed
@@ -65,6 +70,8 @@ CHOICES: dict[str, dict[str, tuple]] = {
         "loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
         "importance_sampling_level": ("token", "sequence"),
         "scale_rewards": ("group", "batch", "none", True, False),
+        "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+        "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
     },
     "DPOConfig": {
         "loss_type": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -72,7 +79,7 @@ CHOICES: dict[str, dict[str, tuple]] = {
     },
 }
 
-# Numeric fields that no check of TRL's bounds before vLLM or the loss meets them mid-run: (test, what it says).
+# Numeric fields whose bounds nothing checks before vLLM or the loss trips over them mid-run: (test, the range).
 _ONLINE_BOUNDS: dict[str, tuple[Any, str]] = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v == -1 or v >= 0, "-1, 0 (all tokens) or a positive count"),
@@ -81,6 +88,7 @@ _ONLINE_BOUNDS: dict[str, tuple[Any, str]] = {
     "num_iterations": (lambda v: v >= 1, "at least 1"),
     "epsilon": (lambda v: v >= 0, "at least 0"),
     "epsilon_high": (lambda v: v >= 0, "at least 0"),
+    "top_entropy_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 BOUNDS: dict[str, dict[str, tuple[Any, str]]] = {"GRPOConfig": _ONLINE_BOUNDS, "RLOOConfig": _ONLINE_BOUNDS}
 
@@ -96,19 +104,19 @@ class TRLSection(Section):
 
 
 def check(config_cls: type, overrides: dict[str, Any], reserved: dict[str, str],
-          known: dict[str, Any] | None = None) -> None:
-    """Raise ValueError, one line starting `trl.overrides`, for the first override `config_cls` cannot take.
-    `reserved`: the fields the job sets itself, each with the rayloop field a user sets instead; `known`: the values
-    of some of them (batch sizes, group size) that TRL's own checks of the overrides depend on."""
+          known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The overrides as `config_cls` takes them (`3e-4`, which YAML reads as a string, becomes a float); raise
+    ValueError, one line starting `trl.overrides`, for the first one it cannot take. `reserved`: the fields the job
+    sets itself, each with the rayloop field a user sets instead; `known`: the values of some of them (batch sizes,
+    group size) that TRL's own checks of the overrides depend on."""
     import dataclasses
     import typing
-
-    from pydantic import TypeAdapter, ValidationError
 
     name = config_cls.__name__
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     hints = typing.get_type_hints(config_cls)
-    taken = {**TRAINING_ARGUMENTS, **PRECISION_KEYS, **reserved}
+    taken = {**TRAINING_ARGUMENTS, **ALSO_RESERVED, **reserved}
+    checked: dict[str, Any] = {}
     for key, value in overrides.items():
         where = f"trl.overrides.{key}"
         if key in taken:
@@ -124,19 +132,32 @@ def check(config_cls: type, overrides: dict[str, Any], reserved: dict[str, str],
             if bad or not values:
                 raise ValueError(f"{where}: {bad[0] if bad else value!r} is not one of "
                                  f"{', '.join(repr(c) for c in choices)}")
+            checked[key] = value
             continue
-        try:
-            TypeAdapter(hints[key]).validate_python(value, strict=True)
-        except ValidationError as exc:
-            raise ValueError(f"{where}: {value!r} is not a valid {_type_name(hints[key])} "
-                             f"({exc.errors()[0]['msg']})") from None
-        except Exception:  # noqa: BLE001 - an annotation pydantic cannot check: TRL's __post_init__ below decides
-            pass
+        checked[key] = value = _coerced(where, hints[key], value)
         bound = BOUNDS.get(name, {}).get(key)
         if bound is not None and value is not None and not bound[0](value):
             raise ValueError(f"{where}: {value!r} must be {bound[1]}")
-    if overrides:
-        _built_by_trl(config_cls, overrides, known or {})
+    if checked:
+        _built_by_trl(config_cls, checked, known or {})
+    return checked
+
+
+def _coerced(where: str, hint, value):
+    """`value` as the field's annotation has it: pydantic's lax mode, but a bool is no number and a number no
+    string (`loss_type: 1` is a mistake, not "1")."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        adapter = TypeAdapter(hint)
+    except Exception:  # noqa: BLE001 - an annotation pydantic cannot read: TRL's __post_init__ decides
+        return value
+    try:
+        if isinstance(value, bool) or not isinstance(value, str):
+            return adapter.validate_python(value, strict=True)
+        return adapter.validate_python(value)  # a YAML string: "3e-4" is a float to a float field
+    except ValidationError as exc:
+        raise ValueError(f"{where}: {value!r} is not a valid {_type_name(hint)} ({exc.errors()[0]['msg']})") from None
 
 
 def build(config_cls: type, rayloop_args: dict[str, Any], overrides: dict[str, Any]):
@@ -149,7 +170,8 @@ def build(config_cls: type, rayloop_args: dict[str, Any], overrides: dict[str, A
 
 def _built_by_trl(config_cls: type, overrides: dict[str, Any], known: dict[str, Any]) -> None:
     """TRL's own checks in `__post_init__` (generation batch sizes, ...), on a throwaway instance: a CPU run
-    writing nowhere, with the job's `known` values and TRL's defaults for everything else."""
+    writing nowhere, with the job's `known` values and TRL's defaults for everything else. (Building it also sets
+    up accelerate's process state for a CPU in this process, the driver, which trains nothing itself.)"""
     import tempfile
 
     try:

@@ -58,7 +58,14 @@ def test_families_differ_from_trl_default(model_dir):
                                              r"itself; use optim\.lr$"),
     (["--trl.overrides.num_generations=4"], r"use rollout\.num_generations$"),
     (["--trl.overrides.fp16=true"], r"use deepspeed\.precision$"),
-    (["--trl.overrides.top_p=0"], r"^trl\.overrides\.top_p: 0 must be in \(0, 1\]$"),
+    (["--trl.overrides.optim=adafactor"], r"use deepspeed\.overrides \(its `optimizer` section\)$"),
+    (["--trl.overrides.eval_strategy=steps"], r"use eval_samples$"),
+    (["--trl.overrides.vllm_importance_sampling_mode=bogus"], r"'bogus' is not one of 'token_truncate'"),
+    (["--trl.overrides.loss_type=1"], r"^trl\.overrides\.loss_type: 1 is not one of"),
+    (["--train.per_device_batch_size=256", "--trl.overrides.generation_batch_size=256"],
+     r"refuses generation_batch_size=256: generation_batch_size \(256\) must be divisible by the global batch size "
+     r"\(512\)"),
+    (["--trl.overrides.top_p=0"], r"^trl\.overrides\.top_p: 0\.0 must be in \(0, 1\]$"),
     (["--trl.overrides.generation_batch_size=64", "--trl.overrides.steps_per_generation=2"],
      r"^trl\.overrides: GRPOConfig refuses generation_batch_size=64, steps_per_generation=2: 'generation_batch_size' "
      r"and 'steps_per_generation' can not be both configured"),
@@ -71,12 +78,13 @@ def test_bad_override_fails_in_one_line_naming_the_key(model_dir, argv, message)
 
 
 @pytest.mark.parametrize("cls, key, value, expected", [
-    (SFTJobConfig, "packing", True, True), (SFTJobConfig, "assistant_only_loss", True, True),
+    (SFTJobConfig, "packing", True, True),
     (SFTJobConfig, "completion_only_loss", False, False), (DPOJobConfig, "loss_type", "ipo", ["ipo"]),
     (DPOJobConfig, "loss_type", ["sigmoid", "sft"], ["sigmoid", "sft"]),
     (RewardJobConfig, "center_rewards_coefficient", 0.01, 0.01), (GRPOJobConfig, "top_p", 0.9, 0.9),
     (GRPOJobConfig, "mask_truncated_completions", True, True), (GRPOJobConfig, "scale_rewards", False, "none"),
-    (GRPOJobConfig, "epsilon_high", 0.28, 0.28),
+    (GRPOJobConfig, "epsilon_high", 0.28, 0.28), (GRPOJobConfig, "epsilon", "3e-4", 3e-4),
+    (GRPOJobConfig, "vllm_importance_sampling_mode", "token_truncate", "token_truncate"),
 ])
 def test_each_job_passes_its_overrides_to_its_trl_class(model_dir, cls, key, value, expected):
     cfg = load_config(cls, [f"--model.name_or_path={model_dir}", f"--trl.overrides.{key}={value}"])
@@ -84,9 +92,29 @@ def test_each_job_passes_its_overrides_to_its_trl_class(model_dir, cls, key, val
     assert getattr(args, key) == expected
 
 
+def test_sft_assistant_only_loss_needs_conversational_data(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"^trl\.overrides\.assistant_only_loss: the task's data are plain"):
+        load_config(SFTJobConfig, [f"--model.name_or_path={model_dir}", "--trl.overrides.assistant_only_loss=true"])
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(f'{{"messages": [{{"role": "user", "content": "w{i}"}}, {{"role": "assistant", '
+                             f'"content": "W{i}"}}]}}\n' for i in range(20)))
+    cfg = load_config(SFTJobConfig, [f"--model.name_or_path={model_dir}", f"--dataset.path={chats}",
+                                     "--trl.overrides.assistant_only_loss=true"])
+    assert cfg.trl.overrides == {"assistant_only_loss": True}
+
+
 def test_dpo_loss_type_is_checked_one_by_one(model_dir):
     with pytest.raises(ConfigError, match=r"^trl\.overrides\.loss_type: 'ppo' is not one of 'sigmoid'"):
         load_config(DPOJobConfig, [f"--model.name_or_path={model_dir}", "--trl.overrides.loss_type=[sigmoid, ppo]"])
+
+
+def test_every_field_whose_values_trl_enumerates_has_its_choices():
+    """A field TRL documents a closed set of values for, and checks only mid-run, belongs in CHOICES; the fields
+    TRL checks itself at construction, or that rayloop sets, need not."""
+    enumerated = {name for name, f in GRPOConfig.__dataclass_fields__.items()
+                  if re.search(r"(?:Supported|Possible) (?:values|options) are", f.metadata.get("help", ""))}
+    checked_by_trl = {"vllm_mode", "vllm_structured_outputs_regex"}  # refused by __post_init__ or free text
+    assert enumerated - checked_by_trl - set(CHOICES["GRPOConfig"]) - set(TRAINING_ARGUMENTS) == set()
 
 
 @pytest.mark.parametrize("cls, field", [(c, f) for c, fields in CHOICES.items() for f in fields])
@@ -94,7 +122,7 @@ def test_choices_are_the_values_trl_documents(cls, field):
     """The table of choices against the help text of the installed TRL: a TRL that adds or drops one fails here."""
     config = {"GRPOConfig": GRPOConfig, "DPOConfig": DPOConfig}[cls]
     text = config.__dataclass_fields__[field].metadata["help"]
-    after = text.split("values are", 1)[-1]
+    after = re.split(r"(?:values|options) are", text, maxsplit=1)[-1]
     quoted = r"[`']([a-z_]+)'"
     ours = {c for c in CHOICES[cls][field] if isinstance(c, str)}
     assert ours <= set(re.findall(quoted, after)), "a choice of ours that TRL no longer documents"
