@@ -64,7 +64,7 @@ def row(seed: int, precision: str, results: dict) -> dict:
             "endpoint_exact_match": {"value": round(endpoint, 4), "ci_low": round(endpoint - half, 4),
                                      "ci_high": round(endpoint + half, 4), "n": n,
                                      "answered_by": results["endpoint_versions"]},
-            "wall_seconds": round(results["wall_seconds"])}
+            "wall_seconds": None if results["wall_seconds"] is None else round(results["wall_seconds"])}
 
 
 def markdown(rows: list[dict]) -> list[str]:
@@ -80,7 +80,7 @@ def markdown(rows: list[dict]) -> list[str]:
                      f"{r['pretrain_eval_loss'][0]:.3f} → {r['pretrain_eval_loss'][1]:.3f} | "
                      f"{ci(r['sft_exact_match'])} | {ci(r['grpo_greedy_exact_match'])} | "
                      f"{ci(r['grpo_sampled_reward'])} | {e['value']:.1%} [{e['ci_low']:.1%}, {e['ci_high']:.1%}] | "
-                     f"{r['wall_seconds'] // 60}m{r['wall_seconds'] % 60:02d}s |")
+                     + (f"{r['wall_seconds'] // 60}m{r['wall_seconds'] % 60:02d}s |" if r["wall_seconds"] else "— |"))
     sft = [r["sft_exact_match"]["after"] for r in rows]
     gain = [r["grpo_greedy_exact_match"]["difference"] for r in rows]
     gain_low = [r["grpo_greedy_exact_match"]["ci_low"] for r in rows]
@@ -97,7 +97,27 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16",
                         help="fp32 and bf16 force RAYLOOP_CPU_BF16; auto leaves the machine's choice")
     parser.add_argument("--name", default="demo_seeds", help="bench/results/<name>.json and .md")
+    parser.add_argument("--from-runs", metavar="DIR", help="tabulate the finished runs in DIR (a folder an earlier, "
+                        "interrupted invocation printed) instead of running; --seeds/--precisions still name them")
     args = parser.parse_args()
+    if args.from_runs:
+        rows = []
+        for precision in args.precisions.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                results = Path(args.from_runs, f"demo-{precision}-{seed}", "results.json")
+                if results.exists():
+                    record = json.loads(results.read_text())
+                    record["wall_seconds"] = None  # the run itself does not record it
+                    rows.append(row(seed, precision, record))
+        table = markdown(rows)
+        print("\n".join(table))
+        write_results(args.name, {"machine": machine(), "rows": rows}, table,
+                      command=f"bench/demo_seeds.py --seeds {args.seeds} --precisions {args.precisions} "
+                              f"(runs {len(rows)} of them finished; tabulated with --from-runs)")
+        return
+    from bench.results_io import commit
+
+    code = commit()  # what the runs run, whatever is committed while they do
     storage = tempfile.mkdtemp(prefix="rayloop-demo-seeds-")
     logs = Path(storage, "logs")
     logs.mkdir()
@@ -109,7 +129,7 @@ def main() -> None:
             print("\n".join(markdown(rows[-1:])[2:3]), flush=True)
     table = markdown(rows)
     print("\n".join(table))
-    write_results(args.name, {"machine": machine(), "rows": rows}, table,
+    write_results(args.name, {"machine": machine(), "rows": rows}, table, code=code,
                   command=f"bench/demo_seeds.py --seeds {args.seeds} --precisions {args.precisions}")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 import pretrain as bench  # noqa: E402 - bench/pretrain.py, which puts the checkout on the path
+from results_io import cpu_model  # noqa: E402
 
 ROOT = bench.ROOT
 
@@ -32,15 +33,6 @@ def _plain_in_train_worker(args: dict) -> None:
     result = bench._plain_loop(args)
     with tempfile.TemporaryDirectory() as tmp:  # Ray Train V2 carries metrics with a checkpoint only
         ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _cpu_model() -> str:
-    import platform
-
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "an unnamed CPU"
 
 
 def main() -> None:
@@ -108,7 +100,7 @@ def main() -> None:
         for name, figure in rounds[-1].items():
             print(f"round {i}: {name:<42} {figure['tokens_per_s']:>8,.1f} tokens/s  {figure['of_plain']:.3f} of plain"
                   f"  ({figure['torch_threads']} threads)")
-    record = {"machine": f"{cpus} CPUs of {_cpu_model()}; {device_bf16(False)[1]}", "preset": opts.preset,
+    record = {"machine": f"{cpus} CPUs of {cpu_model()}; {device_bf16(False)[1]}", "preset": opts.preset,
               "precision": opts.precision, "cpus": cpus, "tokens_per_step": 8 * 128, "steps": opts.steps,
               "rounds": rounds}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

@@ -45,11 +45,13 @@ def commit() -> str:
     return sha + ("+uncommitted changes" if dirty else "")
 
 
-def write_results(name: str, record: dict, table: list[str], *, command: str) -> tuple[Path, Path]:
+def write_results(name: str, record: dict, table: list[str], *, command: str,
+                  code: str | None = None) -> tuple[Path, Path]:
     """bench/results/<name>.json (the record plus machine, command, commit) and <name>.md (a heading, those three,
-    and `table`). Each run replaces the last: git log keeps the earlier ones."""
+    and `table`). `code`: the commit the runs ran (`commit()` when the bench started), default the current one.
+    Each run replaces the last: git log keeps the earlier ones."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": record.get("machine") or machine(), "command": command, "commit": commit()}
+    meta = {"machine": record.get("machine") or machine(), "command": command, "commit": code or commit()}
     record = {**meta, **record}
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     json_path.write_text(json.dumps(record, indent=1) + "\n")
