@@ -51,8 +51,9 @@ class PipelineConfig(PretrainConfig):
     """The live endpoint at the end of the loop."""
     seed: int | None = None
     """One seed for the whole loop: the model's initialisation (model.seed) and every stage's data order (data.seed,
-    each stage's train.seed). Unset: each keeps its own. The task's split (task.seed) stays apart, so runs of
-    different seeds are measured on the same held-out problems."""
+    each stage's train.seed; for `text` and `hf` data, data.seed also picks pretraining's held-out documents). Unset:
+    each keeps its own. The task's split (task.seed) stays apart, so runs of different seeds are measured on the
+    same held-out problems."""
     _stages: list = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
