@@ -59,5 +59,5 @@ def sft_result(pretrained_model, posttrain_runs) -> dict:
     from jobs import sft
 
     cfg = posttrain_config(sft.SFTJobConfig, "sft_tiny.yaml", posttrain_runs, f"--model.name_or_path={pretrained_model}",
-                           "--train.steps=300", "--train.checkpoint_every=150")
+                           "--train.steps=600", "--train.checkpoint_every=300")
     return sft.main(cfg)
