@@ -43,10 +43,11 @@ class PipelineConfig(PretrainConfig):
     generate: GenerateSection = GenerateSection()
     num_samples: int = Field(default=5, ge=0)
     """Eval prompts printed with the endpoint's answers at the end."""
-    sft_config: str | None = None
-    """Config of the SFT stage (jobs.sft); unset: no SFT."""
-    grpo_config: str | None = None
-    """Config of the GRPO stage (jobs.grpo); unset: no GRPO."""
+    sft_config: str | list[str] | None = None
+    """Config of the SFT stage (jobs.sft): a file, or files merged in order as repeated `--config`s are; unset:
+    no SFT."""
+    grpo_config: str | list[str] | None = None
+    """Config of the GRPO stage (jobs.grpo), as `sft_config`; unset: no GRPO."""
     endpoint: EndpointSection = EndpointSection()
     """The live endpoint at the end of the loop."""
     seed: int | None = None
@@ -65,11 +66,12 @@ class PipelineConfig(PretrainConfig):
         if self.seed is not None:
             self.model.seed = self.data.seed = self.seed
         for field, cls, suffix in (("sft_config", SFTJobConfig, "sft"), ("grpo_config", GRPOJobConfig, "grpo")):
-            path = getattr(self, field)
-            if path is None:
+            paths = getattr(self, field)
+            if paths is None:
                 continue
+            argv = [arg for path in ([paths] if isinstance(paths, str) else paths) for arg in ("--config", path)]
             try:
-                stage = load_config(cls, ["--config", path], context={"model_from_previous_stage": True})
+                stage = load_config(cls, argv, context={"model_from_previous_stage": True})
             except ConfigError as exc:
                 raise ValueError(f"{field}: {exc}") from None
             # One task split for every stage, or the held-out problems would leak into training.

@@ -56,6 +56,10 @@ class PostTrainSection(Section):
     eval_samples: int = Field(default=64, ge=0)
     """Held-out task problems whose greedy exact-match accuracy is logged at each checkpoint (0: none; the task's
     data only)."""
+    stop_at_exact_match: float | None = Field(default=None, gt=0, le=1)
+    """Stop at the first checkpoint whose held-out exact match (above, on `eval_samples` problems) reaches this
+    share, and keep that checkpoint: SFT that leaves headroom for reinforcement tuning, on any machine and seed.
+    None: train `steps`."""
     max_length: int = Field(default=128, ge=8)
     """Longest tokenized example (prompt + completion) the trainer keeps."""
     seed: int = 0
@@ -147,6 +151,14 @@ class PostTrainConfig(JobConfig):
         if missing:
             raise ValueError(f"lora.target_modules: {missing} match no linear layer of {self.model.name_or_path} "
                              f"(it has {sorted(names)})")
+        return self
+
+    @model_validator(mode="after")
+    def _stop_at_exact_match_is_measured(self):
+        if self.train.stop_at_exact_match is not None and (self.dataset.path is not None
+                                                          or self.train.eval_samples < self.scaling.num_workers):
+            raise ValueError("train.stop_at_exact_match: needs the task's data (no dataset.path) and "
+                             f"train.eval_samples >= the {self.scaling.num_workers} workers, which measure it")
         return self
 
     @model_validator(mode="after")
@@ -399,6 +411,11 @@ def _callbacks(cfg: PostTrainConfig, log_dir: str, resumed: bool, progress):
             accuracy = sum(sum(g) for g in gathered) / len(self.examples)
             _unwrap(model).train()
             state.log_history.append({"eval_exact_match": accuracy, "step": state.global_step})
+            target = cfg.train.stop_at_exact_match
+            if target is not None and accuracy >= target:
+                # Every rank sees the same gathered figure, so all stop at this step; its checkpoint is saved
+                # (a checkpoint_every step) and is the run's last.
+                control.should_training_stop = True
             if state.is_world_process_zero:
                 if self.writer is None:
                     from torch.utils.tensorboard import SummaryWriter

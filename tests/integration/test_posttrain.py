@@ -37,6 +37,21 @@ def test_sft_lowers_held_out_loss(sft_result):
     load_model(sft_result["model_dir"])  # an ordinary HF folder
 
 
+def test_sft_stops_at_the_first_checkpoint_that_reaches_its_exact_match_target(sft_result, posttrain_runs):
+    """The demo's SFT leaves headroom for GRPO by stopping on held-out exact match: from the suite's SFT model a
+    target half its accuracy is met at the first checkpoint, which ends the run there and is its model."""
+    start = sft_result["exact_match"]["after"]
+    assert start >= 0.05, sft_result["exact_match"]  # a target below a measurable accuracy would test nothing
+    cfg = posttrain_config(sft.SFTJobConfig, "sft_tiny.yaml", posttrain_runs,
+                           f"--model.name_or_path={sft_result['model_dir']}", "--storage.name=sft-stop",
+                           "--train.steps=40", "--train.checkpoint_every=10", "--optim.lr=1e-4",
+                           "--train.eval_samples=64", f"--train.stop_at_exact_match={start / 2:.3f}")
+    summary = sft.main(cfg)
+    assert summary["step"] == 10, summary
+    assert summary["eval_exact_match"] >= start / 2, summary
+    assert summary["model_dir"].endswith("checkpoint") and load_model(summary["model_dir"])
+
+
 def test_grpo_with_vllm_rollouts_survives_a_worker_kill(sft_result, posttrain_runs):
     """One GRPO run with vLLM rollouts colocated in the workers: a worker SIGKILLed mid-run, Ray Train restarts the
     group, TRL resumes from the last reported checkpoint, and the run finishes with its figures and logs."""

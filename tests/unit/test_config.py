@@ -107,3 +107,15 @@ def test_pipeline_seed_reaches_every_stage_but_not_the_task_split():
                                                                                           ("grpo", 3, 0)]
     unseeded = load_config(PipelineConfig, ["--config", "jobs/configs/pipeline_tiny.yaml"])
     assert [stage.train.seed for _, stage in unseeded._stages] == [0, 0]
+
+
+def test_pipeline_stage_config_files_merge_in_order():
+    """The demo's SFT stage is sft_tiny.yaml with the headroom layer on top: its stop, and sft_tiny's steps."""
+    from jobs.pipeline import PipelineConfig
+
+    cfg = load_config(PipelineConfig, ["--config", "jobs/configs/pipeline_tiny.yaml"])
+    sft = dict(cfg._stages)["sft"]
+    assert (sft.train.stop_at_exact_match, sft.train.checkpoint_every, sft.train.steps) == (0.7, 50, 1200)
+    single = load_config(PipelineConfig, ["--config", "jobs/configs/pipeline_tiny.yaml",
+                                          "--sft_config=jobs/configs/sft_tiny.yaml"])
+    assert dict(single._stages)["sft"].train.stop_at_exact_match is None
