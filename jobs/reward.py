@@ -33,6 +33,13 @@ class RewardJobConfig(PostTrainConfig):
     many pairs to learn to check an answer rather than judge its surface)."""
 
     @model_validator(mode="after")
+    def _no_exact_match_stop(self):
+        if self.train.stop_at_exact_match is not None:
+            raise ValueError("train.stop_at_exact_match: a reward model scores answers, it does not write them, so "
+                             "it has no exact match to stop on")
+        return self
+
+    @model_validator(mode="after")
     def _no_lora(self):
         if self.lora is not None:
             raise ValueError("lora: the reward job trains its scoring head and body in full; LoRA is for sft, dpo "

@@ -58,8 +58,8 @@ class PostTrainSection(Section):
     data only)."""
     stop_at_exact_match: float | None = Field(default=None, gt=0, le=1)
     """Stop at the first checkpoint whose held-out exact match (above, on `eval_samples` problems) reaches this
-    share, and keep that checkpoint: SFT that leaves headroom for reinforcement tuning, on any machine and seed.
-    None: train `steps`."""
+    share, and keep that checkpoint as the run's model: SFT that leaves headroom for reinforcement tuning, at a
+    level rather than a step count. A resumed run that had stopped stays stopped. None: train `steps`."""
     max_length: int = Field(default=128, ge=8)
     """Longest tokenized example (prompt + completion) the trainer keeps."""
     seed: int = 0
@@ -534,6 +534,11 @@ def train_loop(loop_config: dict) -> None:
     os.environ["TENSORBOARD_LOGGING_DIR"] = log_dir  # transformers' TensorBoardCallback reads it (rank 0 writes)
     output_dir = tempfile.mkdtemp(prefix=f"rayloop-{cfg.storage.name}-rank{rank}-")
     progress = reporter(loop_config, rank, cfg.train.steps)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and stopped_at_target(cfg, checkpoint):
+        progress.say(f"{cfg.job_name}: the run stopped at its train.stop_at_exact_match; nothing left to train")
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return
     precision, why = agreed(cfg.deepspeed.precision, cfg.scaling.use_gpu)
     progress.say(f"{cfg.job_name}: {describe(precision, why, autocast=not cfg.scaling.use_gpu)}")
     args = training_arguments(cfg, output_dir, precision=precision)
@@ -544,7 +549,6 @@ def train_loop(loop_config: dict) -> None:
             if model is not None:
                 autocast_bare_calls(model)
     trainer = prepare_trainer(trainer)
-    checkpoint = ray.train.get_checkpoint()
     # TensorBoard's callback goes last, so that it writes the figures ours add to the logs (step_seconds, time/*).
     tensorboard = trainer.pop_callback(TensorBoardCallback)
     callbacks = [RayTrainReportCallback(), *_callbacks(cfg, log_dir, resumed=checkpoint is not None,
@@ -573,6 +577,22 @@ def train_loop(loop_config: dict) -> None:
         plot_curves(history, loop_config["plot_keys"], f"{log_dir}/{loop_config['plot_name']}.png",
                     title=f"{cfg.job_name} {cfg.storage.name}")
     sync_logs(log_dir, run_dir, last=True, upload=rank == 0)
+
+
+def stopped_at_target(cfg: PostTrainConfig, checkpoint) -> bool:
+    """Whether the Ray Train checkpoint's last held-out exact match reached `train.stop_at_exact_match`: the Trainer
+    resets its stop flag on every train(), so a resumed run would otherwise go on past the level it stopped at."""
+    target = cfg.train.stop_at_exact_match
+    if target is None:
+        return False
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    with checkpoint.as_directory() as folder:
+        state = os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME, "trainer_state.json")
+        with open(state) as f:
+            history = json.load(f)["log_history"]
+    measured = [entry["eval_exact_match"] for entry in history if "eval_exact_match" in entry]
+    return bool(measured) and measured[-1] >= target
 
 
 def _sync_logs_callback(tensorboard, log_dir: str, run_dir: str):

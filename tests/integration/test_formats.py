@@ -101,7 +101,7 @@ def test_online_rl_on_each_format_raises_the_users_held_out_reward(sft_result, p
                            f"'{REWARD_EXAMPLE}'}}]", f"--storage.name={name}", "--train.steps=10",
                            "--train.checkpoint_every=10", "--train.per_device_batch_size=32",
                            "--rollout.num_generations=4", "--rollout.temperature=1.0", "--eval_samples=8",
-                           *([LORA, "--optim.lr=1e-2"] if lora else ["--optim.lr=1e-3"]))
+                           "--optim.warmup_steps=0", *([LORA, "--optim.lr=1e-2"] if lora else ["--optim.lr=1e-3"]))
     summary = grpo.main(cfg)
     sampled = summary["sampled_reward"]  # the share of sampled held-out completions that contain "7"
     assert sampled["n"] == 48 and sampled["ci_low"] > 0, sampled
@@ -120,7 +120,8 @@ def test_each_algorithm_family_from_its_config_raises_the_users_held_out_reward(
                            "--dataset.eval_fraction=0.2", f"--rewards=[{{function: '{REWARD_EXAMPLE}'}}]",
                            f"--storage.name=family-{family}", "--train.steps=10", "--train.checkpoint_every=10",
                            "--train.per_device_batch_size=32", "--rollout.num_generations=4",
-                           "--rollout.temperature=1.0", "--eval_samples=8", "--optim.lr=1e-3")
+                           "--rollout.temperature=1.0", "--eval_samples=8", "--optim.lr=1e-3",
+                           "--optim.warmup_steps=0")
     assert cfg.trl.overrides, "the family's file reached the config"
     summary = grpo.main(cfg)
     sampled = summary["sampled_reward"]  # the share of sampled held-out completions that contain "7"

@@ -40,15 +40,17 @@ def test_sft_lowers_held_out_loss(sft_result):
 def test_sft_stops_at_the_first_checkpoint_that_reaches_its_exact_match_target(sft_result, posttrain_runs):
     """The demo's SFT leaves headroom for GRPO by stopping on held-out exact match: from the suite's SFT model a
     target half its accuracy is met at the first checkpoint, which ends the run there and is its model."""
-    start = sft_result["exact_match"]["after"]
-    assert start >= 0.05, sft_result["exact_match"]  # a target below a measurable accuracy would test nothing
+    start = sft_result["exact_match"]
+    assert start["after"] >= 0.02, start  # a target of no problem answered right would test nothing
+    target = round(start["after"] / 2, 3)
+    # The stop measures the same 300 held-out problems as the fixture did; 10 steps at lr 1e-4 barely move it.
     cfg = posttrain_config(sft.SFTJobConfig, "sft_tiny.yaml", posttrain_runs,
                            f"--model.name_or_path={sft_result['model_dir']}", "--storage.name=sft-stop",
                            "--train.steps=40", "--train.checkpoint_every=10", "--optim.lr=1e-4",
-                           "--train.eval_samples=64", f"--train.stop_at_exact_match={start / 2:.3f}")
+                           f"--train.eval_samples={start['n']}", f"--train.stop_at_exact_match={target}")
     summary = sft.main(cfg)
     assert summary["step"] == 10, summary
-    assert summary["eval_exact_match"] >= start / 2, summary
+    assert summary["eval_exact_match"] >= target, summary
     assert summary["model_dir"].endswith("checkpoint") and load_model(summary["model_dir"])
 
 
@@ -57,7 +59,8 @@ def test_grpo_with_vllm_rollouts_survives_a_worker_kill(sft_result, posttrain_ru
     group, TRL resumes from the last reported checkpoint, and the run finishes with its figures and logs."""
     cfg = posttrain_config(grpo.GRPOJobConfig, "grpo_tiny.yaml", posttrain_runs,
                            f"--model.name_or_path={sft_result['model_dir']}", "--train.steps=20",
-                           "--train.checkpoint_every=10", "--optim.lr=5e-4", "--train.log_every=5", "--beta=0.04",
+                           "--train.checkpoint_every=10", "--optim.lr=5e-4", "--optim.warmup_steps=0",
+                           "--rollout.temperature=0.7", "--train.log_every=5", "--beta=0.04",
                            "--train.max_failures=1", "--train.fault_pause_step=15", "--train.keep_checkpoints=5",
                            "--eval_samples=8")
     result: dict = {}
@@ -242,7 +245,8 @@ def test_grpo_on_ray_learns_as_plain_trl_does(sft_result, posttrain_runs, tmp_pa
     cfg = posttrain_config(grpo.GRPOJobConfig, "grpo_tiny.yaml", posttrain_runs,
                            f"--model.name_or_path={sft_result['model_dir']}", "--storage.name=grpo-parity",
                            "--train.steps=24", "--train.checkpoint_every=24", "--train.log_every=1",
-                           "--optim.lr=5e-4", "--deepspeed.precision=fp32", "--eval_samples=4",
+                           "--optim.lr=5e-4", "--optim.warmup_steps=0", "--rollout.temperature=0.7",
+                           "--deepspeed.precision=fp32", "--eval_samples=4",
                            "--beta=0.04", "--registry.enabled=false")  # beta > 0: TRL logs `kl`, how far it moved
     platform = with_log_history(grpo.main(cfg))
     plain = train_on_ray(cfg, str(tmp_path / "plain-trl"), use_vllm=False)
