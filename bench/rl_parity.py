@@ -103,7 +103,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--start", help="the SFT model both start from (default: pretrain and SFT the demo's)")
-    parser.add_argument("--steps", type=int, default=200, help="GRPO steps on each side (the demo runs 150)")
+    parser.add_argument("--steps", type=int, default=200, help="GRPO steps on each side")
     parser.add_argument("--plain-vllm", action="store_true", help="plain TRL with its own colocated vLLM (GPU)")
     opts = parser.parse_args()
 
@@ -151,8 +151,11 @@ def demo_sft_model(storage: str) -> str:
     task = [f"--task={json.dumps(yaml.safe_load((ROOT / 'jobs/configs/grpo_tiny.yaml').read_text())['task'])}"]
     pre = pretrain.main(load_config(pretrain.PretrainConfig, ["--config", str(ROOT / "jobs/configs/pretrain_tiny.yaml"),
                                                               *common, *task, "--storage.name=pretrain"]))
-    done = sft.main(load_config(sft.SFTJobConfig, ["--config", str(ROOT / "jobs/configs/sft_tiny.yaml"), *common,
-                                                   f"--model.name_or_path={pre['model_dir']}", "--storage.name=sft"]))
+    # The pipeline's SFT files (the demo's stop on exact match's climb), so GRPO starts with headroom.
+    sft_files = yaml.safe_load((ROOT / "jobs/configs/pipeline_tiny.yaml").read_text())["sft_config"]
+    files = [arg for f in ([sft_files] if isinstance(sft_files, str) else sft_files) for arg in ("--config", str(ROOT / f))]
+    done = sft.main(load_config(sft.SFTJobConfig, [*files, *common, f"--model.name_or_path={pre['model_dir']}",
+                                                   "--storage.name=sft"]))
     return done["model_dir"]
 
 
