@@ -69,6 +69,8 @@ class PipelineConfig(PretrainConfig):
             paths = getattr(self, field)
             if paths is None:
                 continue
+            if not paths:
+                raise ValueError(f"{field}: name at least one config file (or leave it unset: no such stage)")
             argv = [arg for path in ([paths] if isinstance(paths, str) else paths) for arg in ("--config", path)]
             try:
                 stage = load_config(cls, argv, context={"model_from_previous_stage": True})

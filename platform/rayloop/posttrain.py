@@ -587,10 +587,10 @@ def stopped_at_target(cfg: PostTrainConfig, checkpoint) -> bool:
         return False
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
-    with checkpoint.as_directory() as folder:
-        state = os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME, "trainer_state.json")
-        with open(state) as f:
-            history = json.load(f)["log_history"]
+    # One small file from storage, not the whole checkpoint (weights, optimizer and ZeRO shards) that train() fetches.
+    state = f"{checkpoint.path}/{RayTrainReportCallback.CHECKPOINT_NAME}/trainer_state.json"
+    with checkpoint.filesystem.open_input_stream(state) as f:
+        history = json.loads(f.read())["log_history"]
     measured = [entry["eval_exact_match"] for entry in history if "eval_exact_match" in entry]
     return bool(measured) and measured[-1] >= target
 

@@ -51,7 +51,10 @@ def test_sft_stops_at_the_first_checkpoint_that_reaches_its_exact_match_target(s
     summary = sft.main(cfg)
     assert summary["step"] == 10, summary
     assert summary["eval_exact_match"] >= target, summary
-    assert summary["model_dir"].endswith("checkpoint") and load_model(summary["model_dir"])
+    load_model(summary["model_dir"])
+    # The same run again resumes from that checkpoint and stays stopped (the Trainer would reset its stop flag).
+    again = sft.main(cfg)
+    assert (again["step"], again["checkpoint"]) == (10, summary["checkpoint"]), again
 
 
 def test_grpo_with_vllm_rollouts_survives_a_worker_kill(sft_result, posttrain_runs):

@@ -119,3 +119,5 @@ def test_pipeline_stage_config_files_merge_in_order():
     single = load_config(PipelineConfig, ["--config", "jobs/configs/pipeline_tiny.yaml",
                                           "--sft_config=jobs/configs/sft_tiny.yaml"])
     assert dict(single._stages)["sft"].train.stop_at_exact_match is None
+    with pytest.raises(ConfigError, match=r"sft_config: name at least one config file"):
+        load_config(PipelineConfig, ["--config", "jobs/configs/pipeline_tiny.yaml", "--sft_config=[]"])
