@@ -152,8 +152,10 @@ def demo_sft_model(storage: str) -> str:
     pre = pretrain.main(load_config(pretrain.PretrainConfig, ["--config", str(ROOT / "jobs/configs/pretrain_tiny.yaml"),
                                                               *common, *task, "--storage.name=pretrain"]))
     # The pipeline's SFT files (the demo's stop on exact match's climb), so GRPO starts with headroom.
+    from jobs.pipeline import config_argv
+
     sft_files = yaml.safe_load((ROOT / "jobs/configs/pipeline_tiny.yaml").read_text())["sft_config"]
-    files = [arg for f in ([sft_files] if isinstance(sft_files, str) else sft_files) for arg in ("--config", str(ROOT / f))]
+    files = config_argv([str(ROOT / f) for f in ([sft_files] if isinstance(sft_files, str) else sft_files)])
     done = sft.main(load_config(sft.SFTJobConfig, [*files, *common, f"--model.name_or_path={pre['model_dir']}",
                                                    "--storage.name=sft"]))
     return done["model_dir"]

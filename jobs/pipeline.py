@@ -36,6 +36,11 @@ class EndpointSection(Section):
     """Keep the endpoint up after the report, until Ctrl-C (the local Ray ends with this process)."""
 
 
+def config_argv(paths: str | list[str]) -> list[str]:
+    """A stage's config file, or files merged in order, as the repeated `--config` arguments load_config takes."""
+    return [arg for path in ([paths] if isinstance(paths, str) else paths) for arg in ("--config", path)]
+
+
 class PipelineConfig(PretrainConfig):
     """Pretrain, SFT, GRPO; register each model; serve the last and measure held-out accuracy through it."""
 
@@ -71,7 +76,7 @@ class PipelineConfig(PretrainConfig):
                 continue
             if not paths:
                 raise ValueError(f"{field}: name at least one config file (or leave it unset: no such stage)")
-            argv = [arg for path in ([paths] if isinstance(paths, str) else paths) for arg in ("--config", path)]
+            argv = config_argv(paths)
             try:
                 stage = load_config(cls, argv, context={"model_from_previous_stage": True})
             except ConfigError as exc:
