@@ -118,8 +118,8 @@ def train_loop(loop_config: dict) -> None:
     from rayloop.models import load_model
     from rayloop.precision import BF16, agreed, describe, logits_in_fp32
     from rayloop.tracking import Tracker, log_dir_for, plot_curves, sync_logs
-    from rayloop.train import (checkpoint_state, deepspeed_config, restore_checkpoint, save_checkpoint, shard_blocks,
-                               worker_nodes)
+    from rayloop.train import (checkpoint_state, deepspeed_config, partitioned_construction, restore_checkpoint,
+                               save_checkpoint, shard_blocks, worker_nodes)
 
     cfg: PretrainConfig = loop_config["cfg"]
     ctx = ray.train.get_context()
@@ -141,7 +141,11 @@ def train_loop(loop_config: dict) -> None:
     # Hub): DeepSpeed's fp32 and autocast modes train the weights they are given; its bf16 mode would cast fp32
     # weights to bf16 on the host anyway, so loading them in bf16 saves half the host memory.
     weights_dtype = torch.bfloat16 if precision == BF16 and cfg.scaling.use_gpu else torch.float32
-    model, tokenizer = load_model(loop_config["model_dir"], dtype=weights_dtype)
+    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, micro_batch_size=cfg.micro_batch_size,
+                                 grad_accum=cfg.train.grad_accum, world_size=world, total_steps=cfg.train.steps,
+                                 use_gpu=cfg.scaling.use_gpu, precision=precision)
+    with partitioned_construction(ds_config):
+        model, tokenizer = load_model(loop_config["model_dir"], dtype=weights_dtype)
     train_docs, eval_docs = load_documents(cfg.data, cfg.task)
     train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
     eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
@@ -150,9 +154,7 @@ def train_loop(loop_config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg.deepspeed, cfg.optim, micro_batch_size=cfg.micro_batch_size,
-                                grad_accum=cfg.train.grad_accum, world_size=world, total_steps=cfg.train.steps,
-                                use_gpu=cfg.scaling.use_gpu, precision=precision),
+        config=ds_config,
     )
     micro, accum = cfg.micro_batch_size, cfg.train.grad_accum
     state = restore_checkpoint(engine) or {"step": 0, "history": {}, "resumed_from_step": 0,

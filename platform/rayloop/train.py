@@ -9,6 +9,7 @@ exact resume, and `restore_checkpoint` loads it back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -69,7 +70,8 @@ def zero_section(ds: DeepSpeedSection, use_gpu: bool) -> dict[str, Any]:
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.zero_stage == 3:
-        # Gather full weights on save so the HF folder is ordinary, not sharded.
+        # The HF Trainer's save_model (TRL jobs) writes an ordinary HF folder under ZeRO-3 only with this set: it
+        # then gathers module by module through DeepSpeed. Pretraining's own save gathers in `gathered_state_dict`.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return zero
 
@@ -236,17 +238,52 @@ def final_checkpoint(result, storage_section: StorageSection, plot: str | None =
 
 
 def gathered_state_dict(engine) -> dict | None:
-    """Full-precision-layout state dict of a DeepSpeed engine on rank 0 (None elsewhere), ZeRO-3 shards gathered."""
+    """Full state dict of a DeepSpeed engine on rank 0 (None elsewhere), on the host.
+
+    Under ZeRO-3 the parameters are gathered one at a time: rank 0 keeps each as a host copy, the other ranks free
+    it before the next, so they never hold more than their partition and one whole parameter (DeepSpeed's own
+    `GatheredParameters` over all parameters at once would put the whole model on every rank).
+    """
     import deepspeed
     import torch.distributed as dist
 
-    module = engine.module
-    if engine.zero_optimization_partition_weights():
-        # Every rank must take part in the gather; only rank 0 keeps the result.
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
-        return state
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()} if dist.get_rank() == 0 else None
+    module, writer = engine.module, dist.get_rank() == 0
+    if not engine.zero_optimization_partition_weights():
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()} if writer else None
+    # Buffers are whole on every rank; partitioned parameters appear here as empty placeholders.
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if writer else None
+    names: dict = {}  # parameter -> every name it has (tied weights have two)
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(param, []).append(name)
+    for param, param_names in names.items():  # the same order on every rank: the gathers are collective
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if writer:
+                value = param.detach().cpu().clone()
+                for name in param_names:
+                    state[name] = value
+    return state
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict[str, Any]):
+    """While open, transformers builds a model loaded with `from_pretrained` under `deepspeed.zero.Init` when
+    `ds_config` is ZeRO-3: each rank allocates only its partition and the weights are read into it, never the whole
+    model on every rank. Other stages are unaffected.
+
+    Scoped, because transformers reads the setting from a module-level weak reference: left set, it would treat
+    every later model in the process (an evaluation copy, a reference model) as partitioned too."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    deepspeed.init_distributed()  # over Ray Train's process group: DeepSpeed checks the batch sizes by world size
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds only a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def save_checkpoint(engine, tokenizer, metrics: dict[str, Any], state: dict[str, Any], *,

@@ -145,3 +145,57 @@ def test_final_checkpoint_keeps_the_scheme_that_ray_trains_checkpoint_path_drops
     result = SimpleNamespace(checkpoint=SimpleNamespace(path=str(tmp_path / "sft" / "checkpoint_1")))
     assert final_checkpoint(result, local, plot="loss.png") == str(tmp_path / "sft" / "checkpoint_1")
     assert (tmp_path / "sft" / "checkpoint_1" / "loss.png").read_bytes() == b"png"  # the curve beside it
+
+
+def _zero3_rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    """One rank of a 2-process gloo group: build the model under ZeRO-3 construction, wrap it, gather it."""
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from rayloop.config import DeepSpeedSection, OptimSection
+    from rayloop.models import load_model
+    from rayloop.train import deepspeed_config, gathered_state_dict, partitioned_construction
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    config = deepspeed_config(DeepSpeedSection(zero_stage=3), OptimSection(lr=1e-3), micro_batch_size=2,
+                              grad_accum=1, world_size=world, total_steps=1, use_gpu=False, precision="fp32")
+    with partitioned_construction(config):
+        model, _ = load_model(folder)
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()  # scoped: later models in the process are ordinary
+    # Built partitioned: no rank holds a whole parameter, each holds its share.
+    local = {n: (p.numel(), p.ds_tensor.numel(), p.ds_numel) for n, p in model.named_parameters()}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+    state = gathered_state_dict(engine)
+    torch.save({"local": local, "state": state}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_zero3_builds_partitioned_and_saves_whole_weights_on_rank_0_alone(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from rayloop.models import create_model_folder
+
+    folder = create_model_folder("tiny", ["12+34=046", "5+6=011"] * 50, tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_zero3_rank, args=(2, port, str(folder), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name, (numel, share, whole) in ranks[0]["local"].items():
+        assert numel == 0 and 0 < share < whole, name  # built under zero.Init, never whole on a rank
+        assert share + ranks[1]["local"][name][1] >= whole, name
+    assert ranks[1]["state"] is None
+    saved = load_file(folder / "model.safetensors")
+    state = ranks[0]["state"]
+    assert set(saved) <= set(state)  # and the tied output layer besides
+    for name, tensor in saved.items():  # the weights read into the partitions come back whole and unchanged
+        assert torch.equal(state[name], tensor), name
