@@ -11,6 +11,9 @@ Ray Train checkpoint, in storage beside the run's TensorBoard logs, curve and re
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import math
 import time
 
@@ -98,14 +101,20 @@ def batch_at(blocks, position: int, micro: int, seed: int):
 
     A pure function of the position: resuming at a step needs no saved sampler state.
     """
-    import torch
-
     per_epoch = len(blocks) // micro
     if per_epoch == 0:
         raise ValueError(f"{len(blocks)} blocks per worker cannot fill a micro batch of {micro}")
     epoch, index = divmod(position, per_epoch)
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = _epoch_order(len(blocks), seed, epoch)
     return blocks[order[index * micro: (index + 1) * micro]]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_blocks: int, seed: int, epoch: int):
+    """One epoch's shuffle, drawn once per epoch rather than once per micro batch (O(blocks) each time)."""
+    import torch
+
+    return torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def train_loop(loop_config: dict) -> None:
@@ -113,12 +122,14 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import torch
 
+    from rayloop import storage
     from rayloop.console import reporter
     from rayloop.data import load_documents, pack_blocks
-    from rayloop.models import load_model
+    from rayloop.memory import PhasePeaks, peaks_of_all_workers
+    from rayloop.models import hidden_size, load_model
     from rayloop.precision import BF16, agreed, describe, logits_in_fp32
     from rayloop.tracking import Tracker, log_dir_for, plot_curves, sync_logs
-    from rayloop.train import (checkpoint_state, deepspeed_config, partitioned_construction, restore_checkpoint,
+    from rayloop.train import (checkpoint_state, deepspeed_config, load_partitioned, restore_checkpoint,
                                save_checkpoint, shard_blocks, worker_nodes)
 
     cfg: PretrainConfig = loop_config["cfg"]
@@ -128,6 +139,7 @@ def train_loop(loop_config: dict) -> None:
     log_dir = log_dir_for(run_dir)
 
     progress = reporter(loop_config, rank, cfg.train.steps)
+    peaks = PhasePeaks()
     resumed = checkpoint_state() if cfg.scaling.use_gpu else None
     if resumed and "precision" in resumed:
         # On a GPU the optimizer state on disk has its precision's layout (DeepSpeed's bf16 mode keeps an fp32
@@ -143,22 +155,31 @@ def train_loop(loop_config: dict) -> None:
     weights_dtype = torch.bfloat16 if precision == BF16 and cfg.scaling.use_gpu else torch.float32
     ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, micro_batch_size=cfg.micro_batch_size,
                                  grad_accum=cfg.train.grad_accum, world_size=world, total_steps=cfg.train.steps,
-                                 use_gpu=cfg.scaling.use_gpu, precision=precision)
-    with partitioned_construction(ds_config):
-        model, tokenizer = load_model(loop_config["model_dir"], dtype=weights_dtype)
-    train_docs, eval_docs = load_documents(cfg.data, cfg.task)
-    train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
-    eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
+                                 use_gpu=cfg.scaling.use_gpu, precision=precision,
+                                 hidden_size=hidden_size(loop_config["model_dir"]))
+    with peaks.phase("build"):
+        if cfg.deepspeed.zero_stage == 3:  # built partitioned: no rank ever holds the whole model
+            model, tokenizer = load_partitioned(loop_config["model_dir"], ds_config, weights_dtype)
+        else:
+            model, tokenizer = load_model(loop_config["model_dir"], dtype=weights_dtype)
     if precision == BF16 and not cfg.scaling.use_gpu:
         logits_in_fp32(model)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-    )
+    with peaks.phase("engine"):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+        )
+    with peaks.phase("data"):
+        train_docs, eval_docs = load_documents(cfg.data, cfg.task)
+        train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
+        eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
     micro, accum = cfg.micro_batch_size, cfg.train.grad_accum
-    state = restore_checkpoint(engine) or {"step": 0, "history": {}, "resumed_from_step": 0,
-                                           "eval_loss_before": evaluate(engine, eval_blocks, micro)}
+    with peaks.phase("resume") if ray.train.get_checkpoint() else contextlib.nullcontext():
+        state = restore_checkpoint(engine)
+    if state is None:
+        state = {"step": 0, "history": {}, "resumed_from_step": 0,
+                 "eval_loss_before": evaluate(engine, eval_blocks, micro)}
     start_step = state["step"]
     if start_step:
         state["resumed_from_step"] = start_step
@@ -169,12 +190,13 @@ def train_loop(loop_config: dict) -> None:
 
     tokens, started = 0, time.perf_counter()
     for step in range(start_step + 1, cfg.train.steps + 1):
-        for k in range(accum):
-            batch = batch_at(train_blocks, (step - 1) * accum + k, micro, cfg.data.seed).to(engine.device)
-            loss = engine(input_ids=batch, labels=batch).loss
-            engine.backward(loss)
-            engine.step()
-            tokens += batch.numel() * world
+        with peaks.phase("first_step") if step == start_step + 1 else contextlib.nullcontext():
+            for k in range(accum):
+                batch = batch_at(train_blocks, (step - 1) * accum + k, micro, cfg.data.seed).to(engine.device)
+                loss = engine(input_ids=batch, labels=batch).loss
+                engine.backward(loss)
+                engine.step()
+                tokens += batch.numel() * world
         tracker.advance()
         metrics = {"step": step}
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -200,12 +222,19 @@ def train_loop(loop_config: dict) -> None:
         if step == cfg.train.steps and rank == 0:
             plot_curves(tracker.history, ["loss", "eval_loss"], f"{log_dir}/loss.png",
                         title=f"pretrain {cfg.storage.name}")
-        save_checkpoint(engine, tokenizer, metrics | summary, state, delay_s=delay)
+        with peaks.phase("save"):
+            save_checkpoint(engine, tokenizer, metrics | summary, state, delay_s=delay)
         if rank == 0:  # after the checkpoint is registered: a resumed run logs again only what it redoes
             tracker.flush()
             sync_logs(log_dir, run_dir)
     tracker.close()
     sync_logs(log_dir, run_dir, last=True, upload=rank == 0)
+    peaks.close()
+    # Beside the run's results rather than in a report: Ray Train's result keeps the last checkpoint's metrics, and
+    # the last save's own peak is known only after it.
+    peak_bytes = peaks_of_all_workers(peaks)
+    if rank == 0:
+        storage.write_json(cfg.storage.run_path("memory_peaks.json"), peak_bytes)
 
 
 def prepare_model(cfg: PretrainConfig) -> str:
@@ -253,11 +282,15 @@ def main(cfg: PretrainConfig) -> dict:
                                num_to_keep=cfg.train.keep_checkpoints)
         result = trainer.fit()
     checkpoint = final_checkpoint(result, cfg.storage, plot="loss.png")
-    summary = {**result.metrics, "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "hf")}
+    summary = {**result.metrics, "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "hf"),
+               "memory_peak_bytes": json.loads(storage.read_text(cfg.storage.run_path("memory_peaks.json")))}
     resumed = f" (resumed at step {summary['resumed_from_step']})" if summary["resumed_from_step"] else ""
     say(f"pretrain: step {summary['step']}{resumed}, eval loss {summary['eval_loss_before']:.3f} -> "
         f"{summary['eval_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s in {summary['precision']}, "
         f"model at {summary['model_dir']}")
+    say("pretrain: peak host memory per worker (GiB, by rank): " + ", ".join(
+        f"{phase} " + "/".join(f"{b / 2**30:.2f}" for b in per_rank)
+        for phase, per_rank in summary["memory_peak_bytes"].items() if not phase.endswith("_entry")))
     base = cfg.model.name_or_path
     summary["model_version"] = register(cfg, summary, job="pretrain",
                                         parent=f"preset:{base}" if base in PRESETS else base)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Iterable
 
 # Llama-family shapes. `tiny` is for tests (~1M parameters), `small` the CPU benchmark size (~28M, as in STACK.md),
-# `125m` the GPU benchmark size. A real 7B model is a local HF folder, not a preset.
+# `125m` the GPU benchmark size, `350m` bench/memory.py's (large enough that a whole copy of it shows). A real 7B
+# model is a local HF folder, not a preset.
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=512),
@@ -21,6 +22,8 @@ PRESETS: dict[str, dict] = {
                   num_key_value_heads=8, max_position_embeddings=1024),
     "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=12, max_position_embeddings=2048),
+    "350m": dict(hidden_size=1024, intermediate_size=3328, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=16, max_position_embeddings=2048),
 }
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -202,17 +205,30 @@ def resolve_model_folder(path: str | os.PathLike) -> str:
                      f"checkpoint/, or a Ray Train run folder with a registered checkpoint")
 
 
-def linear_module_names(path: str) -> set[str]:
-    """The names (last component, as peft's `target_modules` matches them) of the linear layers of the model at
-    `path`, from its config alone: the model is built on the meta device, no weights read."""
+def model_config(path: str) -> dict:
+    """The `config.json` of the model at `path` (a folder, local or in storage, or a run folder), read alone."""
     import json
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from rayloop import storage
 
-    config = json.loads(storage.read_text(storage.join(resolve_model_folder(path), "config.json")))
+    return json.loads(storage.read_text(storage.join(resolve_model_folder(path), "config.json")))
+
+
+def hidden_size(path: str) -> int | None:
+    """The width of the model at `path` (of its text model, for a multimodal one), from its config alone; None
+    where the architecture has no such notion."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.for_model(**model_config(path)).get_text_config(), "hidden_size", None)
+
+
+def linear_module_names(path: str) -> set[str]:
+    """The names (last component, as peft's `target_modules` matches them) of the linear layers of the model at
+    `path`, from its config alone: the model is built on the meta device, no weights read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = model_config(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}

@@ -9,11 +9,11 @@ exact resume, and `restore_checkpoint` loads it back.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from rayloop.config import DeepSpeedSection, OptimSection, ScalingSection, StorageSection
@@ -63,8 +63,16 @@ def restore_adamw_kernel(optimizer) -> None:
         optimizer = getattr(optimizer, "optimizer", None)
 
 
-def zero_section(ds: DeepSpeedSection, use_gpu: bool) -> dict[str, Any]:
+def zero_section(ds: DeepSpeedSection, use_gpu: bool, hidden_size: int | None = None) -> dict[str, Any]:
+    """DeepSpeed's `zero_optimization`. With the model's `hidden_size`, its buffers are sized to the model as the HF
+    Trainer's `auto` sizes them: DeepSpeed's own defaults are element counts for billion-parameter models (a
+    5e8-element gradient bucket, 2 GB in fp32, allocated whole when a ZeRO-3 engine is built, whatever the model)."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if hidden_size and ds.zero_stage >= 2:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+    if hidden_size and ds.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_param:
@@ -117,9 +125,10 @@ def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str) 
 
 
 def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_size: int, grad_accum: int,
-                     world_size: int, total_steps: int, use_gpu: bool, precision: str) -> dict[str, Any]:
-    """DeepSpeed's config dict, in DeepSpeed's own keys: ZeRO, offload, `precision` (`bf16`/`fp32`, as
-    `rayloop.precision.agreed` chose it), AdamW, warm-up + cosine LR."""
+                     world_size: int, total_steps: int, use_gpu: bool, precision: str,
+                     hidden_size: int | None = None) -> dict[str, Any]:
+    """DeepSpeed's config dict, in DeepSpeed's own keys: ZeRO (its buffers sized by the model's `hidden_size`),
+    offload, `precision` (`bf16`/`fp32`, as `rayloop.precision.agreed` chose it), AdamW, warm-up + cosine LR."""
     from rayloop.precision import deepspeed_precision
 
     config = {
@@ -127,7 +136,7 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, *, micro_batch_s
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * world_size,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": zero_section(ds, use_gpu),
+        "zero_optimization": zero_section(ds, use_gpu, hidden_size),
         **deepspeed_precision(precision, use_gpu),
         "optimizer": {
             "type": "AdamW",
@@ -250,6 +259,9 @@ def gathered_state_dict(engine) -> dict | None:
     module, writer = engine.module, dist.get_rank() == 0
     if not engine.zero_optimization_partition_weights():
         return {k: v.detach().cpu() for k, v in module.state_dict().items()} if writer else None
+    # Parameters the last forward prefetched and never used (an eval's, for one) are still in flight: waited for
+    # and released first, as a gather of one would otherwise fail to partition it again.
+    engine.empty_partition_cache()
     # Buffers are whole on every rank; partitioned parameters appear here as empty placeholders.
     state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if writer else None
     names: dict = {}  # parameter -> every name it has (tied weights have two)
@@ -264,26 +276,48 @@ def gathered_state_dict(engine) -> dict | None:
     return state
 
 
-@contextlib.contextmanager
-def partitioned_construction(ds_config: dict[str, Any]):
-    """While open, transformers builds a model loaded with `from_pretrained` under `deepspeed.zero.Init` when
-    `ds_config` is ZeRO-3: each rank allocates only its partition and the weights are read into it, never the whole
-    model on every rank. Other stages are unaffected.
+def load_partitioned(path: str, ds_config: dict[str, Any], dtype):
+    """Model and tokenizer from an HF folder for a ZeRO-3 engine: the model is built under `deepspeed.zero.Init`, so
+    each rank allocates only its partition, then rank 0 reads the weights from the folder's safetensors one
+    parameter at a time into that parameter gathered, and DeepSpeed partitions it again. No rank holds the whole
+    model and only rank 0 reads it.
 
-    Scoped, because transformers reads the setting from a module-level weak reference: left set, it would treat
-    every later model in the process (an evaluation copy, a reference model) as partitioned too."""
-    if ds_config.get("zero_optimization", {}).get("stage") != 3:
-        yield
-        return
+    transformers' own ZeRO-3 loading (`from_pretrained` while an `HfDeepSpeedConfig` is alive) reads the whole state
+    dict on every rank before copying it in (transformers 5.x `_load_state_dict_into_zero3_model`); there is no
+    public API that streams a checkpoint into partitioned parameters."""
     import deepspeed
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
-    deepspeed.init_distributed()  # over Ray Train's process group: DeepSpeed checks the batch sizes by world size
-    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds only a weak reference)
-    try:
-        yield
-    finally:
-        unset_hf_deepspeed_config()
+    from rayloop.storage import local_copy, training_state
+
+    folder = local_copy(str(path), exclude=training_state)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    deepspeed.init_distributed()  # over Ray Train's process group
+    # Random initialisation would write into the empty partitions (and is overwritten below anyway): skipped, as
+    # transformers' own ZeRO-3 loading skips it. The partitions' dtype comes from the config (bf16 mode or fp32):
+    # DeepSpeed 0.19's zero.Init turns an explicit `dtype` into bf16 on an accelerator without fp16, a CPU.
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True),
+                                                 dtype=dtype)
+    model.tie_weights()  # from_pretrained ties after loading; from_config under zero.Init leaves it to the caller
+    files = sorted(Path(folder).glob("*.safetensors"))
+    handles = [safe_open(str(file), framework="pt") for file in files]  # lazy: opening reads only the header
+    where = {name: handle for handle in handles for name in handle.keys()}
+    # Checked on every rank before any collective, so a bad folder fails everywhere instead of hanging the others.
+    if missing := [name for name, _ in model.named_parameters() if name not in where]:
+        raise ValueError(f"{path}: the safetensors weights lack {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    writer = dist.get_rank() == 0
+    for name, param in model.named_parameters():  # the same order on every rank: the gathers are collective
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if writer:
+                param.data.copy_(where[name].get_tensor(name))
+    for name, buffer in model.named_buffers():  # whole on every rank: each reads its own
+        if name in where:
+            buffer.data.copy_(where[name].get_tensor(name))
+    return model, tokenizer
 
 
 def save_checkpoint(engine, tokenizer, metrics: dict[str, Any], state: dict[str, Any], *,

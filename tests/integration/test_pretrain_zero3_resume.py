@@ -35,8 +35,14 @@ def test_zero3_writes_an_ordinary_hf_folder_and_resumes(ray_cluster, tmp_path):
     for name, tensor in weights.items():
         assert torch.equal(tensor, reference[name].to(tensor.dtype)), name
 
+    # Each worker's peak memory per phase, from both workers.
+    assert {"build", "first_step", "steady", "save"} <= set(first["memory_peak_bytes"])
+    assert all(len(ranks) == 2 and min(ranks) > 0 for ranks in first["memory_peak_bytes"].values())
+    assert "resume" not in first["memory_peak_bytes"]
+
     second = _run(tmp_path, 20)
     assert second["resumed_from_step"] == 10 and second["step"] == 20
+    assert "resume" in second["memory_peak_bytes"]
     assert second["eval_loss"] < first["eval_loss"]
     state = json.loads((Path(second["model_dir"]).parent / "trainer_state.json").read_text())
     assert [s for s, _ in state["history"]["eval_loss"]] == [10, 20]  # the history survived the restart

@@ -46,6 +46,17 @@ def test_zero3_offload_and_passthrough_overrides():
     assert _config(ds)["prescale_gradients"] is True
 
 
+def test_zero_buffers_are_sized_by_the_model_when_its_width_is_known():
+    assert "reduce_bucket_size" not in _config()["zero_optimization"]  # DeepSpeed's own default
+    assert _config(hidden_size=1024)["zero_optimization"]["reduce_bucket_size"] == 1024**2
+    zero3 = _config(DeepSpeedSection(zero_stage=3), hidden_size=1024)["zero_optimization"]
+    assert zero3["stage3_prefetch_bucket_size"] == int(0.9 * 1024**2)
+    assert zero3["stage3_param_persistence_threshold"] == 10240
+    assert "reduce_bucket_size" not in _config(DeepSpeedSection(zero_stage=0), hidden_size=1024)["zero_optimization"]
+    big = DeepSpeedSection(zero_stage=3, overrides={"zero_optimization": {"reduce_bucket_size": 5e8}})
+    assert _config(big, hidden_size=1024)["zero_optimization"]["reduce_bucket_size"] == 5e8  # an override wins
+
+
 def test_bf16_is_deepspeeds_bf16_mode_on_gpus_and_autocast_on_cpus():
     from rayloop.train import hf_deepspeed_config
 
@@ -148,31 +159,40 @@ def test_final_checkpoint_keeps_the_scheme_that_ray_trains_checkpoint_path_drops
 
 
 def _zero3_rank(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    """One rank of a 2-process gloo group: build the model under ZeRO-3 construction, wrap it, gather it."""
+    """One rank of a 2-process gloo group: build the model partitioned, wrap it, gather it; recording how many
+    parameters each of DeepSpeed's gathers held at once."""
     import os
 
     import deepspeed
     import torch.distributed as dist
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     from rayloop.config import DeepSpeedSection, OptimSection
-    from rayloop.models import load_model
-    from rayloop.train import deepspeed_config, gathered_state_dict, partitioned_construction
+    from rayloop.models import hidden_size
+    from rayloop.train import deepspeed_config, gathered_state_dict, load_partitioned
+
+    gathered_at_once = []
+
+    class Recording(deepspeed.zero.GatheredParameters):
+        def __init__(self, params, *args, **kwargs):
+            gathered_at_once.append(len(params))
+            super().__init__(params, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = Recording
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     config = deepspeed_config(DeepSpeedSection(zero_stage=3), OptimSection(lr=1e-3), micro_batch_size=2,
-                              grad_accum=1, world_size=world, total_steps=1, use_gpu=False, precision="fp32")
-    with partitioned_construction(config):
-        model, _ = load_model(folder)
-        assert is_deepspeed_zero3_enabled()
-    assert not is_deepspeed_zero3_enabled()  # scoped: later models in the process are ordinary
+                              grad_accum=1, world_size=world, total_steps=1, use_gpu=False, precision="fp32",
+                              hidden_size=hidden_size(folder))
+    model, _ = load_partitioned(folder, config, torch.float32)
+    loading, gathered_at_once[:] = list(gathered_at_once), []
     # Built partitioned: no rank holds a whole parameter, each holds its share.
     local = {n: (p.numel(), p.ds_tensor.numel(), p.ds_numel) for n, p in model.named_parameters()}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
     state = gathered_state_dict(engine)
-    torch.save({"local": local, "state": state}, f"{out}/rank{rank}.pt")
+    torch.save({"local": local, "state": state, "bucket": engine.optimizer.reduce_bucket_size, "loading": loading,
+                "saving": gathered_at_once}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -194,6 +214,10 @@ def test_zero3_builds_partitioned_and_saves_whole_weights_on_rank_0_alone(tmp_pa
         assert numel == 0 and 0 < share < whole, name  # built under zero.Init, never whole on a rank
         assert share + ranks[1]["local"][name][1] >= whole, name
     assert ranks[1]["state"] is None
+    for rank in ranks:  # one parameter at a time, never the whole model, when loading and when saving
+        assert len(rank["loading"]) == len(rank["local"]) and set(rank["loading"]) == {1}
+        assert len(rank["saving"]) == len(rank["local"]) and set(rank["saving"]) == {1}
+    assert ranks[0]["bucket"] == 128 * 128  # DeepSpeed took the bucket sized by the model (tiny: width 128)
     saved = load_file(folder / "model.safetensors")
     state = ranks[0]["state"]
     assert set(saved) <= set(state)  # and the tied output layer besides
