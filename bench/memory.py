@@ -41,6 +41,7 @@ def _whole_model_zero3() -> None:
         import deepspeed
         import torch.distributed as dist
 
+        engine.empty_partition_cache()  # parameters an eval prefetched, as the job's own save releases them
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             if dist.get_rank() == 0:
                 return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
