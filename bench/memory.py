@@ -125,6 +125,8 @@ def main() -> None:
                                  ("ZeRO-3", 3, None)]:
             runs[name] = _pretrain(work, name.replace(" ", "-"), model_dir, zero, 3, hook)
             print(name, json.dumps(runs[name]["memory_peak_bytes"]), flush=True)
+            if name != "ZeRO-3":  # resumed below; the others' checkpoints (weights and optimizer state) go
+                shutil.rmtree(work / name.replace(" ", "-"))
         resumed = _pretrain(work, "ZeRO-3", model_dir, 3, 5)
         straight = _pretrain(work, "ZeRO-3-uninterrupted", model_dir, 3, 5)
         loads = _loads(resumed["model_dir"])
