@@ -34,6 +34,12 @@ class DPOJobConfig(PostTrainConfig):
 
         return DPOConfig
 
+    sequences_per_example = 2  # chosen and rejected, concatenated into one batch
+
+    def memory_workload(self):
+        # The reference model is a second copy, unless LoRA's base (the adapter switched off) plays it.
+        return super().memory_workload(reference_model=self.lora is None)
+
     def task_data(self):
         from rayloop.tasks import ArithmeticTask
 

@@ -55,6 +55,17 @@ class GRPOJobConfig(PostTrainConfig):
     """Completions sampled per held-out prompt at `rollout.temperature` for the held-out mean reward of sampled
     completions (the quantity GRPO optimises), reported beside that of greedy ones."""
 
+    def memory_workload(self):
+        r = self.rollout
+        colocated = r.engine == "vllm" and r.vllm_mode == "colocate"
+        vllm = {}
+        if colocated:
+            vllm = ({"vllm_share": r.gpu_memory_utilization} if self.scaling.use_gpu
+                    else {"vllm_kv_cache_bytes": int(r.kv_cache_memory_bytes)})
+        # Completions of up to max_model_len tokens (prompt and completion), per_device_batch_size of them.
+        return super().memory_workload(tokens=self.train.per_device_batch_size * r.max_model_len,
+                                       reference_model=self.beta > 0 and self.lora is None, **vllm)
+
     def trl_config_class(self):
         from trl import GRPOConfig, RLOOConfig
 

@@ -41,6 +41,9 @@ class TrainSection(Section):
     """Checkpoints kept in storage, newest first (None: all)."""
     max_failures: int = Field(default=1, ge=-1)
     """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: activation memory of one
+    layer plus each layer's input, for about a third more compute. For long sequences or large models."""
     fault_delay_checkpoint_step: int | None = None
     """Test hook: at this step of a run's first attempt, ranks other than 0 wait 30 s before reporting their
     checkpoint, so a test can kill a worker in the middle of a checkpoint."""
@@ -71,6 +74,14 @@ class PretrainConfig(JobConfig):
     @property
     def micro_batch_size(self) -> int:
         return self.train.global_batch_size // (self.scaling.num_workers * self.train.grad_accum)
+
+    def memory_workload(self):
+        """What each worker will hold, for the memory plan (rayloop/plan.py)."""
+        from rayloop.plan import model_shape, workload
+
+        return workload(self, model_shape(self.model.name_or_path, self.model.vocab_size),
+                        tokens=self.micro_batch_size * self.train.seq_len,
+                        gradient_checkpointing=self.train.gradient_checkpointing)
 
 
 def _mean_over_workers(value: float, device) -> float:
@@ -162,6 +173,9 @@ def train_loop(loop_config: dict) -> None:
             model, tokenizer = load_partitioned(loop_config["model_dir"], ds_config, weights_dtype)
         else:
             model, tokenizer = load_model(loop_config["model_dir"], dtype=weights_dtype)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: the form that works with ZeRO-3's partitioned parameters and inputs that need no grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if precision == BF16 and not cfg.scaling.use_gpu:
         logits_in_fp32(model)
     with peaks.phase("engine"):

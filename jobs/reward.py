@@ -46,6 +46,11 @@ class RewardJobConfig(PostTrainConfig):
                              "and grpo")
         return self
 
+    sequences_per_example = 2  # chosen and rejected, concatenated into one batch
+
+    def memory_workload(self):
+        return super().memory_workload(logits=False)  # one score per sequence, not the vocabulary's logits
+
     def trl_config_class(self):
         from trl import RewardConfig
 

@@ -143,6 +143,11 @@ class ScalingSection(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How Ray places the workers on nodes (Ray Train's ScalingConfig): `PACK` fills few nodes, `SPREAD` one
     worker per node where it can; the STRICT_ forms fail rather than do otherwise."""
+    device_memory_bytes: ByteSize | None = None
+    """Memory of each worker's device, for the memory plan that every training job checks before Ray starts
+    (`80GB`, `24GiB`): a GPU's memory, or the host memory each CPU worker may use. Unset: found on this machine
+    when the job starts Ray here (GPU 0's memory; for CPU workers, the memory Ray's memory monitor allows, shared
+    by the workers); on a cluster the plan only estimates."""
 
 
 class DeepSpeedSection(Section):
@@ -384,6 +389,8 @@ def describe_fields(cls: type[Section], prefix: str = "") -> list[str]:
 
 VERBOSE_FLAG = "--verbose"
 """A job's flag for the output of Ray, vLLM, DeepSpeed and TRL on the terminal instead of the run's log file."""
+PLAN_FLAG = "--plan"
+"""A job's flag to print its memory plan (rayloop/plan.py) and exit, starting nothing."""
 
 
 def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = None) -> Any:
@@ -394,14 +401,24 @@ def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = Non
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
-        print(f"usage: python -m <job> [--config PATH ...] [--section.field=value ...] [--verbose]\n\n"
+        print(f"usage: python -m <job> [--config PATH ...] [--section.field=value ...] [--verbose] [--plan]\n\n"
               f"{cls.__doc__ or ''}\n\n  --verbose  (flag)  Ray's, vLLM's, DeepSpeed's and TRL's output here "
-              f"instead of the run's log file")
+              f"instead of the run's log file\n  --plan  (flag)  print the memory each worker's device will need, "
+              f"and exit")
         print("\n".join(describe_fields(cls)))
         return None
-    verbose = VERBOSE_FLAG in argv
+    verbose, plan_only = VERBOSE_FLAG in argv, PLAN_FLAG in argv
     try:
-        cfg = load_config(cls, [a for a in argv if a != VERBOSE_FLAG])
+        cfg = load_config(cls, [a for a in argv if a not in (VERBOSE_FLAG, PLAN_FLAG)])
+        from rayloop import plan
+
+        if plan_only:
+            memory = plan.plan_of(cfg)
+            print(memory.describe() if memory else f"{getattr(cfg, 'job_name', 'job')}: no memory plan for this "
+                                                   f"job (or its model is written by an earlier stage)")
+        plan.check(cfg)  # before Ray: a config that cannot fit its devices stops here
+        if plan_only:
+            return None
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -84,6 +84,12 @@ def zero_section(ds: DeepSpeedSection, use_gpu: bool, hidden_size: int | None = 
     return zero
 
 
+def zero_optimization(ds: DeepSpeedSection, use_gpu: bool, hidden_size: int | None = None) -> dict[str, Any]:
+    """`zero_section` with `deepspeed.overrides` merged in: the `zero_optimization` DeepSpeed will get."""
+    return _merge_overrides({"zero_optimization": zero_section(ds, use_gpu, hidden_size)},
+                            ds.overrides)["zero_optimization"]
+
+
 def torch_adamw_params(use_gpu: bool) -> dict[str, Any]:
     """DeepSpeed `optimizer.params` keys choosing the AdamW implementation: DeepSpeed's FusedAdam on GPUs; on CPUs,
     torch's AdamW (FusedAdam needs CUDA; DeepSpeed's CPUAdam compiles an extension on first use, and an override of
@@ -97,10 +103,11 @@ def torch_adamw_params(use_gpu: bool) -> dict[str, Any]:
     return {"torch_adam": not use_gpu}
 
 
-def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str) -> dict[str, Any]:
+def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str,
+                        hidden_size: int | None = None) -> dict[str, Any]:
     """The same DeepSpeed settings for a transformers/TRL Trainer: sizes, LR and bf16 mode left `auto`, so the
     Trainer fills them from its arguments (it rejects a DeepSpeed config that disagrees with them); `precision`
-    adds DeepSpeed's autocast on a CPU (rayloop/precision.py)."""
+    adds DeepSpeed's autocast on a CPU (rayloop/precision.py); ZeRO's buffers sized by the model's `hidden_size`."""
     from rayloop.precision import deepspeed_precision
 
     # bf16 (DeepSpeed's bf16 mode) is the Trainer's to fill from its `bf16` argument; autocast is ours.
@@ -111,7 +118,7 @@ def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str) 
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
-        "zero_optimization": zero_section(ds, use_gpu),
+        "zero_optimization": zero_section(ds, use_gpu, hidden_size),
         "bf16": {"enabled": "auto"},
         "optimizer": {
             "type": "AdamW",

@@ -1,5 +1,6 @@
-"""ZeRO-3 on 2 workers: the final folder is an ordinary HF checkpoint (the gathered weights, exactly the ones
-DeepSpeed's own zero_to_fp32 reconstructs), and running the same job again resumes from its latest checkpoint."""
+"""ZeRO-3 on 2 workers, with gradient checkpointing (recomputed layers gather their partitioned parameters again):
+the final folder is an ordinary HF checkpoint (the gathered weights, exactly the ones DeepSpeed's own zero_to_fp32
+reconstructs), and running the same job again resumes from its latest checkpoint."""
 
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ def _run(storage, steps):
     return pretrain.main(load_config(pretrain.PretrainConfig, [
         f"--storage.path={storage}", "--storage.name=zero3", "--deepspeed.zero_stage=3", f"--train.steps={steps}",
         "--train.checkpoint_every=10", "--train.log_every=5", "--task.num_train=1000", "--task.num_eval=50",
+        "--train.gradient_checkpointing=true",
     ]))
 
 
