@@ -1,7 +1,8 @@
 """Benchmark: each pretraining worker's peak host memory through its run's phases, by ZeRO stage.
 
     .venv/bin/python bench/memory.py                   # the 350m preset (~346M parameters), 2 CPU workers
-    .venv/bin/python bench/memory.py --preset small    # a quick look
+    .venv/bin/python bench/memory.py --preset small    # the 25M preset: memory_small.{json,md}
+    .venv/bin/python bench/memory.py --render          # the plan recomputed beside the recorded figures
 
 The real job (jobs.pretrain through Ray Train, DeepSpeed on 2 workers) for ZeRO-0, ZeRO-2 and ZeRO-3, and ZeRO-3 as
 it ran without partitioned construction and with one gather of every parameter at save ("whole model", a worker
@@ -11,9 +12,10 @@ workers run with MALLOC_MMAP_THRESHOLD_=65536, so that memory a phase frees leav
 phase's peak is its own rather than glibc's cache of the last one's. Then ZeRO-3 resumes its run to
 step 5 ("resume"), against the same 5 steps uninterrupted: the losses after the resume must equal the
 uninterrupted run's. The saved `hf/` folder loads in transformers and in vLLM.
+Beside each run, the memory plan's estimate (rayloop/plan.py) for the same config.
 Goals (issue: memory at scale): ZeRO-3's non-writing rank at save <= its steady state + 10% of the fp32 model;
-ZeRO-3's build <= 0.6x ZeRO-0's; losses after the resume within 1e-3.
-Figures go to bench/results/memory.{json,md}.
+ZeRO-3's build <= 0.6x ZeRO-0's; losses after the resume within 1e-3; the plan within 25% of the steady state.
+Figures go to bench/results/memory.{json,md} (memory_<preset> for other presets).
 """
 
 from __future__ import annotations
@@ -51,6 +53,29 @@ def _whole_model_zero3() -> None:
     train.load_partitioned = lambda path, ds_config, dtype: rayloop.models.load_model(path, dtype=dtype)
 
 
+def _config(storage: Path, name: str, model: str, zero: int, steps: int):
+    from jobs import pretrain
+    from rayloop.config import load_config
+
+    return load_config(pretrain.PretrainConfig, [
+        f"--model.name_or_path={model}", f"--storage.path={storage}", f"--storage.name={name}",
+        f"--deepspeed.zero_stage={zero}", f"--train.steps={steps}", "--train.checkpoint_every=3",
+        "--train.log_every=1", "--train.global_batch_size=4", "--train.keep_checkpoints=1", "--registry.enabled=false",
+        # A learning rate that does not depend on the run's length: 3 steps then 2 more follow the same one as 5.
+        "--optim.schedule=constant", "--optim.warmup_steps=0", "--task.num_train=400", "--task.num_eval=20",
+    ])
+
+
+def _planned(preset: str) -> dict[str, int]:
+    """The memory plan's total per worker (rayloop/plan.py) for each run's config, the preset standing for the
+    folder built from it (the same shape)."""
+    from rayloop.plan import plan_of
+
+    with tempfile.TemporaryDirectory() as storage:
+        return {name: plan_of(_config(Path(storage), "plan", preset, zero, 3)).total
+                for name, zero in (("ZeRO-0", 0), ("ZeRO-2", 2), ("ZeRO-3", 3))}
+
+
 def _pretrain(storage: Path, name: str, model_dir: str, zero: int, steps: int, hook=None) -> dict:
     import logging
 
@@ -58,7 +83,7 @@ def _pretrain(storage: Path, name: str, model_dir: str, zero: int, steps: int, h
 
     from jobs import pretrain
     from rayloop.cluster import local_num_cpus, runtime_env
-    from rayloop.config import RaySection, load_config
+    from rayloop.config import RaySection
 
     ray.shutdown()
     env = {**runtime_env(), "env_vars": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
@@ -68,13 +93,7 @@ def _pretrain(storage: Path, name: str, model_dir: str, zero: int, steps: int, h
     ray.init(address="local", num_cpus=local_num_cpus(None), object_store_memory=RaySection().object_store_memory_mb
              * 2**20, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
              logging_level=logging.WARNING)
-    cfg = load_config(pretrain.PretrainConfig, [
-        f"--model.name_or_path={model_dir}", f"--storage.path={storage}", f"--storage.name={name}",
-        f"--deepspeed.zero_stage={zero}", f"--train.steps={steps}", "--train.checkpoint_every=3",
-        "--train.log_every=1", "--train.global_batch_size=4", "--train.keep_checkpoints=1", "--registry.enabled=false",
-        # A learning rate that does not depend on the run's length: 3 steps then 2 more follow the same one as 5.
-        "--optim.schedule=constant", "--optim.warmup_steps=0", "--task.num_train=400", "--task.num_eval=20",
-    ])
+    cfg = _config(storage, name, model_dir, zero, steps)
     started = time.perf_counter()
     summary = pretrain.main(cfg)
     summary["wall_s"] = time.perf_counter() - started
@@ -100,14 +119,21 @@ def _loads(hf: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="350m")
-    parser.add_argument("--render", action="store_true", help="rewrite memory.md from memory.json, run nothing")
+    parser.add_argument("--render", action="store_true",
+                        help="recompute the memory plan beside the recorded measurements and rewrite the Markdown "
+                             "table from the JSON; run nothing")
     args = parser.parse_args()
+    name = "memory" if args.preset == "350m" else f"memory_{args.preset}"
     if args.render:
         from results_io import RESULTS
 
-        record = json.loads((RESULTS / "memory.json").read_text())
-        (RESULTS / "memory.md").write_text("\n".join(
-            [*(RESULTS / "memory.md").read_text().split("\n")[:5], "", *render(record)]) + "\n")
+        record = json.loads((RESULTS / f"{name}.json").read_text())
+        from results_io import commit
+
+        record["planned_bytes"], record["planned_at"] = _planned(record["preset"]), commit()
+        (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+        (RESULTS / f"{name}.md").write_text("\n".join(
+            [*(RESULTS / f"{name}.md").read_text().split("\n")[:5], "", *render(record)]) + "\n")
         return
 
     from rayloop.models import count_parameters, create_model_folder, load_model
@@ -142,9 +168,10 @@ def main() -> None:
         "resumed_peak_bytes": resumed["memory_peak_bytes"],
         "resumed_losses": resumed["losses"], "uninterrupted_losses": straight["losses"],
         "loads": loads, "wall_s": {k: r["wall_s"] for k, r in runs.items()},
+        "planned_bytes": _planned(args.preset), "planned_at": code,
     }
     table = render(record)
-    write_results("memory", record, table, command=" ".join(["bench/memory.py", *sys.argv[1:]]), code=code)
+    write_results(name, record, table, command=" ".join(["bench/memory.py", *sys.argv[1:]]), code=code)
     print("\n".join(table))
 
 
@@ -192,6 +219,13 @@ def render(record: dict) -> list[str]:
                   f"{p} {gib(v)}" for p, v in record["resumed_peak_bytes"].items() if not p.endswith("_entry")) + ".",
               f"- The saved hf/ folder loads: transformers continues `12+34=` with {record['loads']['transformers']!r},"
               f" vLLM with {record['loads']['vllm']!r}."]
+    if "planned_bytes" in record:
+        table += ["", f"The memory plan (`--plan`, rayloop/plan.py, at commit {record['planned_at']}) against the "
+                      f"measured steady-state peak, max over ranks (goal: within 25%):", "", "| run | plan (GiB) | measured (GiB) | plan / measured |",
+                  "|---|---|---|---|"]
+        for run, planned in record["planned_bytes"].items():
+            measured = max(peaks[run]["steady"])
+            table.append(f"| {run} | {planned / GIB:.2f} | {measured / GIB:.2f} | {planned / measured:.2f} |")
     return table
 
 if __name__ == "__main__":

@@ -205,6 +205,49 @@ def resolve_model_folder(path: str | os.PathLike) -> str:
                      f"checkpoint/, or a Ray Train run folder with a registered checkpoint")
 
 
+class SafetensorsFolder:
+    """The tensors of a folder's `*.safetensors` files, each read on request by plain file reads into a new tensor.
+
+    safetensors' `safe_open` memory-maps the whole file: every page a read touches stays in the process's resident
+    set until the map closes, so reading a model tensor by tensor through it ends holding the whole file. Here only
+    the tensor asked for is resident, and only while its caller keeps it."""
+
+    DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+    def __init__(self, folder: str | os.PathLike):
+        import json
+
+        self.index: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    start, end = info["data_offsets"]
+                    self.index[name] = (file, info["dtype"], info["shape"], 8 + size + start, end - start)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def get_tensor(self, name: str):
+        import torch
+
+        file, dtype, shape, offset, size = self.index[name]
+        tensor = torch.empty(shape, dtype=getattr(torch, self.DTYPES[dtype]))
+        into = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        with open(file, "rb", buffering=0) as f:
+            f.seek(offset)
+            done = 0
+            while done < size:
+                read = f.readinto(into[done:])
+                if not read:
+                    raise ValueError(f"{file}: {name} ends past the end of the file")
+                done += read
+        return tensor
+
+
 def model_config(path: str) -> dict:
     """The `config.json` of the model at `path` (a folder, local or in storage, or a run folder), read alone."""
     import json

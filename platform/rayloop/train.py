@@ -294,10 +294,10 @@ def load_partitioned(path: str, ds_config: dict[str, Any], dtype):
     public API that streams a checkpoint into partitioned parameters."""
     import deepspeed
     import torch.distributed as dist
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
+    from rayloop.models import SafetensorsFolder
     from rayloop.storage import local_copy, training_state
 
     folder = local_copy(str(path), exclude=training_state)
@@ -310,20 +310,18 @@ def load_partitioned(path: str, ds_config: dict[str, Any], dtype):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, local_files_only=True),
                                                  dtype=dtype)
     model.tie_weights()  # from_pretrained ties after loading; from_config under zero.Init leaves it to the caller
-    files = sorted(Path(folder).glob("*.safetensors"))
-    handles = [safe_open(str(file), framework="pt") for file in files]  # lazy: opening reads only the header
-    where = {name: handle for handle in handles for name in handle.keys()}
+    weights = SafetensorsFolder(folder)  # read tensor by tensor, never mapped whole
     # Checked on every rank before any collective, so a bad folder fails everywhere instead of hanging the others.
-    if missing := [name for name, _ in model.named_parameters() if name not in where]:
+    if missing := [name for name, _ in model.named_parameters() if name not in weights]:
         raise ValueError(f"{path}: the safetensors weights lack {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     writer = dist.get_rank() == 0
     for name, param in model.named_parameters():  # the same order on every rank: the gathers are collective
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if writer:
-                param.data.copy_(where[name].get_tensor(name))
+                param.data.copy_(weights.get_tensor(name))
     for name, buffer in model.named_buffers():  # whole on every rank: each reads its own
-        if name in where:
-            buffer.data.copy_(where[name].get_tensor(name))
+        if name in weights:
+            buffer.data.copy_(weights.get_tensor(name))
     return model, tokenizer
 
 

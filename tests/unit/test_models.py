@@ -79,3 +79,24 @@ def test_evaluation_device_is_the_gpu_ray_gave_the_task(in_ray, gpu_ids, cuda, d
     assert evaluation_device() == device
     if in_ray and not gpu_ids:
         assert not cuda_asked, "a CPU task touched CUDA"
+
+
+def test_safetensors_read_tensor_by_tensor_equal_safetensors_own_and_stay_unmapped(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from rayloop.models import SafetensorsFolder
+
+    tensors = {"w": torch.randn(64, 32), "h": torch.randn(7, 3).to(torch.bfloat16), "i": torch.arange(5),
+               "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    save_file(dict(list(tensors.items())[:3]), tmp_path / "model-00001-of-00002.safetensors")
+    save_file(dict(list(tensors.items())[3:]), tmp_path / "model-00002-of-00002.safetensors")
+    folder = SafetensorsFolder(tmp_path)
+    read = {name: folder.get_tensor(name) for name in tensors}
+    assert str(tmp_path) not in open("/proc/self/maps").read()  # nothing of the files stays mapped
+    for name, tensor in tensors.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+        path = tmp_path / f"model-0000{1 if name in ('w', 'h', 'i') else 2}-of-00002.safetensors"
+        with safe_open(str(path), framework="pt") as theirs:
+            assert torch.equal(read[name], theirs.get_tensor(name)), name
