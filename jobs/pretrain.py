@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from rayloop.config import (DataSection, DeepSpeedSection, JobConfig, ModelSection, OptimSection, ScalingSection,
                             Section, TaskSection, run_cli)
 from rayloop.console import say
+from rayloop.data import BlockStream
 
 
 class TrainSection(Section):
@@ -135,13 +136,12 @@ def train_loop(loop_config: dict) -> None:
 
     from rayloop import storage
     from rayloop.console import reporter
-    from rayloop.data import load_documents, pack_blocks
     from rayloop.memory import PhasePeaks, peaks_of_all_workers
     from rayloop.models import hidden_size, load_model
     from rayloop.precision import BF16, agreed, describe, logits_in_fp32
     from rayloop.tracking import Tracker, log_dir_for, plot_curves, sync_logs
     from rayloop.train import (checkpoint_state, deepspeed_config, load_partitioned, restore_checkpoint,
-                               save_checkpoint, shard_blocks, worker_nodes)
+                               save_checkpoint, worker_nodes)
 
     cfg: PretrainConfig = loop_config["cfg"]
     ctx = ray.train.get_context()
@@ -184,11 +184,9 @@ def train_loop(loop_config: dict) -> None:
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config,
         )
-    with peaks.phase("data"):
-        train_docs, eval_docs = load_documents(cfg.data, cfg.task)
-        train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
-        eval_blocks = shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)
     micro, accum = cfg.micro_batch_size, cfg.train.grad_accum
+    with peaks.phase("data"):
+        eval_blocks, train_blocks = _data(cfg, tokenizer, rank, world)
     with peaks.phase("resume") if ray.train.get_checkpoint() else contextlib.nullcontext():
         state = restore_checkpoint(engine)
     if state is None:
@@ -199,6 +197,7 @@ def train_loop(loop_config: dict) -> None:
         state["resumed_from_step"] = start_step
     state["worker_nodes"] = worker_nodes()  # this attempt's, reported with each checkpoint
     state["precision"] = precision
+    batches = _micro_batches(cfg, train_blocks, rank, world, start_step, state.get("data_position"))
     tracker = Tracker(log_dir, initial_step=start_step, history=state["history"], enabled=rank == 0,
                       progress=progress)
 
@@ -206,7 +205,7 @@ def train_loop(loop_config: dict) -> None:
     for step in range(start_step + 1, cfg.train.steps + 1):
         with peaks.phase("first_step") if step == start_step + 1 else contextlib.nullcontext():
             for k in range(accum):
-                batch = batch_at(train_blocks, (step - 1) * accum + k, micro, cfg.data.seed).to(engine.device)
+                batch = next(batches).to(engine.device)
                 loss = engine(input_ids=batch, labels=batch).loss
                 engine.backward(loss)
                 engine.step()
@@ -230,6 +229,8 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics)
             continue
         state.update(step=step, history=tracker.history)
+        if isinstance(batches, BlockStream):
+            state["data_position"] = batches.position
         first_attempt = state["resumed_from_step"] == 0
         delay = 30.0 if first_attempt and step == cfg.train.fault_delay_checkpoint_step else 0.0
         summary = {k: state[k] for k in ("eval_loss_before", "resumed_from_step", "worker_nodes", "precision")}
@@ -251,6 +252,42 @@ def train_loop(loop_config: dict) -> None:
         storage.write_json(cfg.storage.run_path("memory_peaks.json"), peak_bytes)
 
 
+def _data(cfg: PretrainConfig, tokenizer, rank: int, world: int):
+    """(this worker's held-out blocks, its training blocks or None where they stream from Ray Data)."""
+    import ray.train
+
+    from rayloop.data import head_blocks, load_documents, pack_blocks
+    from rayloop.train import shard_blocks
+
+    if cfg.data.loader == "ray_data":
+        return head_blocks(ray.train.get_dataset_shard("eval"), rank=rank, world=world,
+                           most=cfg.data.eval_blocks), None
+    train_docs, eval_docs = load_documents(cfg.data, cfg.task)
+    train_blocks = shard_blocks(pack_blocks(train_docs, tokenizer, cfg.train.seq_len), rank, world)
+    return shard_blocks(pack_blocks(eval_docs, tokenizer, cfg.train.seq_len), rank, world)[:cfg.data.eval_blocks], \
+        train_blocks
+
+
+def _micro_batches(cfg: PretrainConfig, train_blocks, rank: int, world: int, start_step: int,
+                   position: dict | None):
+    """This worker's micro batches from the step after `start_step` on: streamed from Ray Data (resumed at the saved
+    `position`), or drawn from the blocks in memory by their position alone."""
+    import itertools
+
+    import ray.train
+
+    micro, accum = cfg.micro_batch_size, cfg.train.grad_accum
+    if cfg.data.loader == "ray_data":
+        shuffle_blocks = int(cfg.data.shuffle_buffer_bytes) // (8 * cfg.train.seq_len)
+        return BlockStream(ray.train.get_dataset_shard("train"), rank=rank, world=world, micro=micro,
+                           seed=cfg.data.seed, shuffle_blocks=shuffle_blocks, position=position)
+    return (batch_at(train_blocks, p, micro, cfg.data.seed) for p in itertools.count(start_step * accum))
+
+
+TOKENIZER_DOCUMENTS = 100_000
+"""Documents a preset's tokenizer is trained on: the corpus's first ones, however large the corpus."""
+
+
 def prepare_model(cfg: PretrainConfig) -> str:
     """The starting HF folder: the one configured, or a preset built once per run into the run's storage (its
     tokenizer trained on the training documents), where every worker node can read it."""
@@ -265,7 +302,12 @@ def prepare_model(cfg: PretrainConfig) -> str:
     folder = cfg.storage.run_path("base_model")
     if storage.is_file(storage.join(folder, "config.json")):
         return folder
-    documents = load_documents(cfg.data, cfg.task)[0]
+    if cfg.data.loader == "ray_data":
+        from rayloop.data import document_datasets
+
+        documents = [row["text"] for row in document_datasets(cfg.data, cfg.task)[0].take(TOKENIZER_DOCUMENTS)]
+    else:
+        documents = load_documents(cfg.data, cfg.task)[0][:TOKENIZER_DOCUMENTS]
     if not storage.is_uri(folder):
         create_model_folder(cfg.model.name_or_path, documents, folder, vocab_size=cfg.model.vocab_size,
                             seed=cfg.model.seed)
@@ -288,12 +330,19 @@ def main(cfg: PretrainConfig) -> dict:
     from rayloop.registry import register
     from rayloop.train import final_checkpoint, make_trainer
 
-    model_dir = prepare_model(cfg)
     init_ray(cfg.ray)
+    model_dir = prepare_model(cfg)
+    datasets = None
+    if cfg.data.loader == "ray_data":
+        from rayloop.data import document_datasets, packed
+
+        train, held_out = document_datasets(cfg.data, cfg.task)
+        datasets = {"train": packed(train, model_dir, cfg.train.seq_len),
+                    "eval": packed(held_out, model_dir, cfg.train.seq_len)}
     with stage_bar(f"pretrain {cfg.storage.name}", cfg.train.steps) as progress:
         trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": model_dir, "progress": progress},
                                scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
-                               num_to_keep=cfg.train.keep_checkpoints)
+                               num_to_keep=cfg.train.keep_checkpoints, datasets=datasets)
         result = trainer.fit()
     checkpoint = final_checkpoint(result, cfg.storage, plot="loss.png")
     summary = {**result.metrics, "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "hf"),

@@ -108,15 +108,26 @@ class TaskSection(Section):
 
 
 class DataSection(Section):
-    source: Literal["task", "text", "hf"] = "task"
-    """`task`: the arithmetic task's corpus and held-out set; `text`: a .txt file or a folder of them (one document
-    per non-empty line); `hf`: a local HF dataset folder (`datasets.save_to_disk`)."""
+    source: Literal["task", "text", "json", "parquet", "hf"] = "task"
+    """`task`: the arithmetic task's corpus and held-out set; `text`: .txt files (one document per non-empty line);
+    `json`: JSON or JSON-lines files; `parquet`: Parquet files; `hf`: a local HF dataset folder
+    (`datasets.save_to_disk`). For json, parquet and hf the text is the column `text_field`."""
     path: str | None = None
-    """File or folder for `text` and `hf`: local, or in storage (`s3://...`), which every node can read."""
+    """File or folder for every source but `task`: local, or in storage (`s3://...`), which every node can read."""
     text_field: str = "text"
-    """Column holding the text, for `hf`."""
+    """Column holding the text, for `json`, `parquet` and `hf`."""
     eval_fraction: float = Field(default=0.05, gt=0, lt=1)
-    """Share of documents held out for eval loss, for `text` and `hf` (chosen by the seed)."""
+    """Share of documents held out for eval loss (chosen by a hash of each document and the seed), for every source
+    but `task`, whose held-out problems are its own."""
+    eval_blocks: int = Field(default=1024, ge=1)
+    """Most held-out blocks each worker evaluates on (the eval loss of a corpus of any size costs the same)."""
+    loader: Literal["ray_data", "in_memory"] = "ray_data"
+    """`ray_data`: the corpus streams through Ray Data (read, tokenized and packed in `map_batches`, handed to the
+    TorchTrainer and read with `get_dataset_shard`): a worker's memory does not grow with the corpus. `in_memory`:
+    each worker reads, tokenizes and packs the whole corpus itself (the baseline of bench/data.py)."""
+    shuffle_buffer_bytes: ByteSize = ByteSize(64 * MiB)
+    """Packed blocks each worker draws the data order from, as a size in bytes (`64MiB`): the streamed corpus is
+    shuffled within a window this large, differently each epoch."""
     seed: int = 0
     """Seed of the held-out choice and of the data order."""
 

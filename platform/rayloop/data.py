@@ -1,15 +1,24 @@
-"""Documents for causal-LM training (the task, text files, or an HF dataset folder), packed into fixed blocks."""
+"""Pretraining corpora: documents from the task, text, JSON, Parquet or an HF dataset folder, packed into blocks.
+
+Two loaders share one definition of the data (the same documents, the same held-out choice):
+- Ray Data (`data.loader: ray_data`, the default): `document_datasets` reads with `read_text`/`read_json`/
+  `read_parquet`, `packed` tokenizes and packs in `map_batches`, the TorchTrainer gets the datasets and each worker
+  reads them with `get_dataset_shard` through a `BlockStream`: memory per worker does not grow with the corpus.
+- in memory (`load_documents` + `pack_blocks`): each worker holds the whole corpus; the baseline.
+"""
 
 from __future__ import annotations
 
-import random
+import functools
 from pathlib import Path
 
 from rayloop.config import DataSection, TaskSection
 
+TEXT_SUFFIXES = {"text": (".txt",), "json": (".json", ".jsonl"), "parquet": (".parquet",)}
+
 
 def load_documents(data: DataSection, task: TaskSection) -> tuple[list[str], list[str]]:
-    """(train, eval) documents, the same for the same config on every worker."""
+    """(train, eval) documents, the same for the same config on every worker, the whole corpus in memory."""
     if data.source == "task":
         from rayloop.tasks import ArithmeticTask
 
@@ -18,22 +27,45 @@ def load_documents(data: DataSection, task: TaskSection) -> tuple[list[str], lis
     from rayloop.storage import local_copy
 
     path = Path(local_copy(data.path))  # on each worker: from storage, through this node's cache
-    if data.source == "text":
-        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-        docs = [line.strip() for f in files for line in f.read_text().splitlines() if line.strip()]
-    else:
+    if data.source == "hf":
         from datasets import load_from_disk
 
         dataset = load_from_disk(str(path))
         if hasattr(dataset, "keys"):  # a DatasetDict: its train split, else its first
             dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset))]
-        docs = [d for d in dataset[data.text_field] if d]
+        texts = dataset[data.text_field]
+    else:
+        files = sorted(f for f in path.rglob("*") if f.suffix in TEXT_SUFFIXES[data.source]) if path.is_dir() \
+            else [path]
+        texts = [t for f in files for t in _file_texts(f, data)]
+    docs = [t.strip() for t in texts if t and t.strip()]
     if len(docs) < 2:
         raise ValueError(f"data.path {data.path!r} holds {len(docs)} documents; at least 2 are needed")
-    order = list(range(len(docs)))
-    random.Random(data.seed).shuffle(order)
-    n_eval = max(1, int(len(docs) * data.eval_fraction))
-    return [docs[i] for i in order[n_eval:]], [docs[i] for i in order[:n_eval]]
+    held = [is_held_out(d, data.seed, data.eval_fraction) for d in docs]
+    return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
+
+
+def _file_texts(file: Path, data: DataSection) -> list[str]:
+    if data.source == "text":
+        return file.read_text().splitlines()
+    if data.source == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(file, columns=[data.text_field]).column(data.text_field).to_pylist()
+    import json
+
+    text = file.read_text()  # a JSON array, or JSON lines
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(r) for r in text.splitlines() if r.strip()]
+    return [row.get(data.text_field) for row in rows]
+
+
+def is_held_out(text: str, seed: int, fraction: float) -> bool:
+    """Whether a document is held out: by a hash of it and the seed, so the choice needs no pass over the corpus
+    and both loaders make the same one."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
 def pack_blocks(texts: list[str], tokenizer, block_size: int):
@@ -51,3 +83,190 @@ def pack_blocks(texts: list[str], tokenizer, block_size: int):
     if n == 0:
         raise ValueError(f"{len(ids)} tokens make no block of {block_size}")
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Data: the corpus streamed, never whole in a worker
+# ---------------------------------------------------------------------------------------------------------------
+
+PACK_DOCUMENTS = 1024
+"""Documents tokenized and packed together by one `map_batches` call; each batch drops its tail shorter than a
+block, under one block per this many documents."""
+
+
+def document_datasets(data: DataSection, task: TaskSection):
+    """(train, held-out) `ray.data.Dataset`s of `{"text": ...}` rows, in a fixed order (`preserve_order`)."""
+    import ray.data
+
+    if data.source == "task":
+        from rayloop.tasks import ArithmeticTask
+
+        arithmetic = ArithmeticTask(task)
+        train = ray.data.from_items([{"text": t} for t in arithmetic.pretrain_corpus()])
+        held_out = ray.data.from_items([{"text": p.text} for p in arithmetic.eval_problems])
+    else:
+        field = "text" if data.source == "text" else data.text_field
+        documents = _read(data).map_batches(_non_empty, fn_kwargs={"field": field}, batch_format="pyarrow")
+        split = {"seed": data.seed, "fraction": data.eval_fraction}
+        train = documents.filter(_held_out, fn_kwargs={**split, "want": False})
+        held_out = documents.filter(_held_out, fn_kwargs={**split, "want": True})
+    for dataset in (train, held_out):
+        dataset.context.execution_options.preserve_order = True  # the same order on every read: resumable
+    return train, held_out
+
+
+def _read(data: DataSection):
+    import ray.data
+
+    from rayloop import storage
+
+    filesystem, path = storage.filesystem(storage.normalize(data.path))
+    if data.source == "text":  # one row per non-empty line, in a column named text
+        return ray.data.read_text(path, filesystem=filesystem, file_extensions=["txt"])
+    if data.source == "json":
+        return ray.data.read_json(path, filesystem=filesystem, file_extensions=["json", "jsonl"])
+    if data.source == "parquet":
+        return ray.data.read_parquet(path, filesystem=filesystem, columns=[data.text_field])
+    from datasets import load_from_disk
+
+    from rayloop.storage import local_copy
+
+    dataset = load_from_disk(local_copy(data.path))
+    if hasattr(dataset, "keys"):  # a DatasetDict: its train split, else its first
+        dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset))]
+    return ray.data.from_huggingface(dataset.select_columns([data.text_field]))
+
+
+def _non_empty(batch, field: str):
+    """The batch's documents as `text`, stripped, empty ones dropped."""
+    import pyarrow as pa
+
+    if field not in batch.column_names:
+        raise ValueError(f"data.text_field: no column {field!r} (the data has {batch.column_names})")
+    texts = [t.strip() for t in batch.column(field).to_pylist() if t and t.strip()]
+    return pa.table({"text": texts})
+
+
+def _held_out(row: dict, seed: int, fraction: float, want: bool) -> bool:
+    return is_held_out(row["text"], seed, fraction) == want
+
+
+def packed(documents, model_dir: str, block_size: int):
+    """`documents` tokenized and packed into rows of `input_ids` (block_size tokens), in `map_batches`."""
+    return documents.map_batches(_pack, fn_kwargs={"model_dir": model_dir, "block_size": block_size},
+                                 batch_size=PACK_DOCUMENTS, batch_format="numpy")
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_dir: str):
+    """The model's tokenizer, once per Ray Data worker process (they are reused from task to task)."""
+    from transformers import AutoTokenizer
+
+    from rayloop.storage import local_copy, training_state
+
+    return AutoTokenizer.from_pretrained(local_copy(model_dir, exclude=training_state), local_files_only=True)
+
+
+def _pack(batch: dict, model_dir: str, block_size: int) -> dict:
+    import numpy as np
+
+    tokenizer = _tokenizer(model_dir)
+    ids: list[int] = []
+    for encoded in tokenizer([str(t) for t in batch["text"]])["input_ids"]:
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // block_size
+    return {"input_ids": np.asarray(ids[: n * block_size], dtype=np.int64).reshape(n, block_size)}
+
+
+class BlockStream:
+    """This worker's micro batches from a packed Ray Data stream, in an order fixed by the seed, resumable.
+
+    Every worker reads the whole stream in the same order (the TorchTrainer does not split the dataset:
+    `DataConfig(datasets_to_split=[])`), shuffles it through the same seeded window, cuts it into groups of
+    world x micro blocks and keeps its own micro of each group: the workers agree on every epoch's length with no
+    collective, and a run resumed at (epoch, batch) sees exactly the blocks it would have seen. Ray Data's own split
+    hands out blocks as workers ask for them, an order no rerun repeats.
+    """
+
+    def __init__(self, iterator, *, rank: int, world: int, micro: int, seed: int, shuffle_blocks: int,
+                 position: dict | None = None):
+        self.iterator, self.rank, self.world, self.micro = iterator, rank, world, micro
+        self.seed, self.shuffle_blocks = seed, max(1, shuffle_blocks)
+        self.epoch = (position or {}).get("epoch", 0)
+        self.batch = (position or {}).get("batch", 0)
+        self._batches = self._epoch(self.epoch, skip=self.batch)
+
+    @property
+    def position(self) -> dict:
+        """Where the next micro batch comes from: saved with each checkpoint, handed back on resume."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for _ in range(2):
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                if self.batch == 0:
+                    break  # an epoch that yields nothing: the corpus cannot fill one group
+                self.epoch, self.batch = self.epoch + 1, 0
+                self._batches = self._epoch(self.epoch, skip=0)
+                continue
+            self.batch += 1
+            return batch
+        raise ValueError(f"the corpus does not fill one micro batch of {self.micro} blocks on each of {self.world} "
+                         f"workers")
+
+    def _epoch(self, epoch: int, skip: int):
+        import numpy as np
+        import torch
+
+        group = self.world * self.micro
+        pending, done = [], 0
+        for block in self._shuffled(epoch):
+            pending.append(block)
+            if len(pending) == group:
+                if done >= skip:
+                    mine = pending[self.rank * self.micro: (self.rank + 1) * self.micro]
+                    yield torch.from_numpy(np.stack(mine))
+                done += 1
+                pending = []
+
+    def _shuffled(self, epoch: int):
+        """The stream's blocks through a window of `shuffle_blocks`, drawn by a generator seeded per epoch."""
+        import random
+
+        rng = random.Random(self.seed * 100_003 + epoch)
+        window: list = []
+        for rows in self.iterator.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=2):
+            for block in rows["input_ids"]:
+                if len(window) < self.shuffle_blocks:
+                    window.append(block)
+                    continue
+                i = rng.randrange(len(window))
+                window[i], block = block, window[i]
+                yield block
+        rng.shuffle(window)
+        yield from window
+
+
+def head_blocks(iterator, *, rank: int, world: int, most: int):
+    """This worker's share of the first world x `most` blocks of a stream (the held-out blocks): a LongTensor."""
+    import numpy as np
+    import torch
+
+    mine, seen = [], 0
+    for rows in iterator.iter_batches(batch_size=256, batch_format="numpy"):
+        for block in rows["input_ids"]:
+            if seen % world == rank:
+                mine.append(block)
+            seen += 1
+            if seen == world * most:
+                return torch.from_numpy(np.stack(mine))
+    usable = (seen // world) * world
+    if usable == 0:
+        raise ValueError(f"the held-out documents make {seen} blocks, fewer than the {world} workers")
+    return torch.from_numpy(np.stack(mine[: usable // world]))

@@ -200,9 +200,12 @@ def resume_notice(run_dir: str) -> str | None:
 
 
 def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scaling: ScalingSection,
-                 storage: StorageSection, max_failures: int = 0, num_to_keep: int | None = None):
-    """A TorchTrainer for `train_loop(loop_config)` on `scaling`, storing runs under `storage`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                 storage: StorageSection, max_failures: int = 0, num_to_keep: int | None = None,
+                 datasets: dict | None = None):
+    """A TorchTrainer for `train_loop(loop_config)` on `scaling`, storing runs under `storage`. `datasets` (Ray Data)
+    reach every worker whole and in a fixed order (`get_dataset_shard`), each worker taking its own share: see
+    rayloop.data.BlockStream."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # Ray Train moves each worker into a scratch folder of its own unless told not to (read by `fit()` in this
@@ -222,9 +225,15 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
     notice = resume_notice(run_dir)
     if notice:
         say(notice)
+    data = {}
+    if datasets:
+        ingest = DataConfig.default_ingest_options()
+        ingest.preserve_order = True
+        data = {"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[], execution_options=ingest)}
     return TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config=loop_config,
+        **data,
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,

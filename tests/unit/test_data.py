@@ -13,9 +13,11 @@ def test_text_folder_documents_split_by_seed(tmp_path):
     (tmp_path / "sub" / "b.txt").write_text("more text\nand more\n")
     data = DataSection(source="text", path=str(tmp_path), eval_fraction=0.1)
     train, held_out = load_documents(data, TaskSection())
-    assert len(train) + len(held_out) == 52 and len(held_out) == 5
+    assert len(train) + len(held_out) == 52 and 1 <= len(held_out) <= 12
     assert not set(train) & set(held_out)
     assert load_documents(data, TaskSection()) == (train, held_out)
+    other = load_documents(data.model_copy(update={"seed": 1}), TaskSection())[1]
+    assert other != held_out  # the seed chooses
 
 
 def test_hf_dataset_folder(tmp_path):
@@ -24,7 +26,7 @@ def test_hf_dataset_folder(tmp_path):
     Dataset.from_dict({"body": [f"doc {i}" for i in range(40)]}).save_to_disk(str(tmp_path / "ds"))
     train, held_out = load_documents(DataSection(source="hf", path=str(tmp_path / "ds"), text_field="body"),
                                      TaskSection())
-    assert len(train) == 38 and len(held_out) == 2
+    assert len(train) + len(held_out) == 40 and len(held_out) <= 8
 
 
 def test_packing_keeps_document_boundaries():
