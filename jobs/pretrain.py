@@ -342,7 +342,8 @@ def main(cfg: PretrainConfig) -> dict:
     with stage_bar(f"pretrain {cfg.storage.name}", cfg.train.steps) as progress:
         trainer = make_trainer(train_loop, {"cfg": cfg, "model_dir": model_dir, "progress": progress},
                                scaling=cfg.scaling, storage=cfg.storage, max_failures=cfg.train.max_failures,
-                               num_to_keep=cfg.train.keep_checkpoints, datasets=datasets)
+                               num_to_keep=cfg.train.keep_checkpoints, datasets=datasets,
+                               read_ahead_bytes=int(cfg.data.read_ahead_bytes))
         result = trainer.fit()
     checkpoint = final_checkpoint(result, cfg.storage, plot="loss.png")
     summary = {**result.metrics, "checkpoint": checkpoint, "model_dir": storage.join(checkpoint, "hf"),

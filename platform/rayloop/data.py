@@ -17,6 +17,12 @@ from rayloop.config import DataSection, TaskSection
 TEXT_SUFFIXES = {"text": (".txt",), "json": (".json", ".jsonl"), "parquet": (".parquet",)}
 
 
+def _text_schema():
+    import pyarrow as pa
+
+    return pa.schema([("text", pa.string())])
+
+
 def load_documents(data: DataSection, task: TaskSection) -> tuple[list[str], list[str]]:
     """(train, eval) documents, the same for the same config on every worker, the whole corpus in memory."""
     if data.source == "task":
@@ -105,11 +111,11 @@ def document_datasets(data: DataSection, task: TaskSection):
         train = ray.data.from_items([{"text": t} for t in arithmetic.pretrain_corpus()])
         held_out = ray.data.from_items([{"text": p.text} for p in arithmetic.eval_problems])
     else:
-        field = "text" if data.source == "text" else data.text_field
-        documents = _read(data).map_batches(_non_empty, fn_kwargs={"field": field}, batch_format="pyarrow")
-        split = {"seed": data.seed, "fraction": data.eval_fraction}
-        train = documents.filter(_held_out, fn_kwargs={**split, "want": False})
-        held_out = documents.filter(_held_out, fn_kwargs={**split, "want": True})
+        split = {"field": "text" if data.source == "text" else data.text_field, "seed": data.seed,
+                 "fraction": data.eval_fraction}
+        documents = _read(data)
+        train = documents.map_batches(_documents, fn_kwargs={**split, "held_out": False}, batch_format="pyarrow")
+        held_out = documents.map_batches(_documents, fn_kwargs={**split, "held_out": True}, batch_format="pyarrow")
     for dataset in (train, held_out):
         dataset.context.execution_options.preserve_order = True  # the same order on every read: resumable
     return train, held_out
@@ -137,18 +143,14 @@ def _read(data: DataSection):
     return ray.data.from_huggingface(dataset.select_columns([data.text_field]))
 
 
-def _non_empty(batch, field: str):
-    """The batch's documents as `text`, stripped, empty ones dropped."""
+def _documents(batch, field: str, seed: int, fraction: float, held_out: bool):
+    """The batch's documents as `text`, stripped, empty ones dropped, and those of one side of the held-out split."""
     import pyarrow as pa
 
     if field not in batch.column_names:
         raise ValueError(f"data.text_field: no column {field!r} (the data has {batch.column_names})")
-    texts = [t.strip() for t in batch.column(field).to_pylist() if t and t.strip()]
-    return pa.table({"text": texts})
-
-
-def _held_out(row: dict, seed: int, fraction: float, want: bool) -> bool:
-    return is_held_out(row["text"], seed, fraction) == want
+    texts = (t.strip() for t in batch.column(field).to_pylist() if t and t.strip())
+    return pa.table({"text": [t for t in texts if is_held_out(t, seed, fraction) == held_out]}, schema=_text_schema())
 
 
 def packed(documents, model_dir: str, block_size: int):

@@ -201,10 +201,10 @@ def resume_notice(run_dir: str) -> str | None:
 
 def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scaling: ScalingSection,
                  storage: StorageSection, max_failures: int = 0, num_to_keep: int | None = None,
-                 datasets: dict | None = None):
+                 datasets: dict | None = None, read_ahead_bytes: int | None = None):
     """A TorchTrainer for `train_loop(loop_config)` on `scaling`, storing runs under `storage`. `datasets` (Ray Data)
-    reach every worker whole and in a fixed order (`get_dataset_shard`), each worker taking its own share: see
-    rayloop.data.BlockStream."""
+    reach every worker whole and in a fixed order (`get_dataset_shard`), each worker taking its own share (see
+    rayloop.data.BlockStream), and each worker's stream fills at most `read_ahead_bytes` of the object store."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -229,6 +229,8 @@ def make_trainer(train_loop: Callable[[dict], None], loop_config: dict, *, scali
     if datasets:
         ingest = DataConfig.default_ingest_options()
         ingest.preserve_order = True
+        if read_ahead_bytes is not None:
+            ingest.resource_limits = ingest.resource_limits.copy(object_store_memory=float(read_ahead_bytes))
         data = {"datasets": datasets, "dataset_config": DataConfig(datasets_to_split=[], execution_options=ingest)}
     return TorchTrainer(
         train_loop_per_worker=train_loop,
