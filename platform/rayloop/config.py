@@ -125,8 +125,8 @@ class DataSection(Section):
     """`ray_data`: the corpus streams through Ray Data (read, tokenized and packed in `map_batches`, handed to the
     TorchTrainer and read with `get_dataset_shard`): a worker's memory does not grow with the corpus. `in_memory`:
     each worker reads, tokenizes and packs the whole corpus itself (the baseline of bench/data.py)."""
-    read_ahead_bytes: ByteSize = ByteSize(64 * MiB)
-    """Object store memory each worker's Ray Data stream may fill ahead of training (`64MiB`): the stream reads and
+    read_ahead_bytes: ByteSize = ByteSize(8 * MiB)
+    """Object store memory each worker's Ray Data stream may fill ahead of training (`8MiB`, `1GiB`): the stream reads and
     tokenizes this far ahead of the steps, no further, so it takes CPU time only for data the steps will use."""
     shuffle_buffer_bytes: ByteSize = ByteSize(64 * MiB)
     """Packed blocks each worker draws the data order from, as a size in bytes (`64MiB`): the streamed corpus is
