@@ -126,11 +126,12 @@ class DataSection(Section):
     TorchTrainer and read with `get_dataset_shard`): a worker's memory does not grow with the corpus. `in_memory`:
     each worker reads, tokenizes and packs the whole corpus itself (the baseline of bench/data.py)."""
     read_ahead_bytes: ByteSize = ByteSize(8 * MiB)
-    """Object store memory each worker's Ray Data stream may fill ahead of training (`8MiB`, `1GiB`): the stream reads and
-    tokenizes this far ahead of the steps, no further, so it takes CPU time only for data the steps will use."""
-    shuffle_buffer_bytes: ByteSize = ByteSize(64 * MiB)
-    """Packed blocks each worker draws the data order from, as a size in bytes (`64MiB`): the streamed corpus is
-    shuffled within a window this large, differently each epoch."""
+    """Object store memory each worker's Ray Data stream may fill ahead of training (`8MiB`, `1GiB`): the stream
+    reads and tokenizes this far ahead of the steps, no further, so it spends CPU time on data the steps will use."""
+    shuffle_buffer_bytes: ByteSize = ByteSize(4 * MiB)
+    """Packed blocks each worker draws the data order from, as a size in bytes (`4MiB`): the streamed corpus is
+    shuffled within a window this large, differently each epoch. The window fills before the first step, so a
+    larger one shuffles more widely and starts later."""
     seed: int = 0
     """Seed of the held-out choice and of the data order."""
 
