@@ -64,10 +64,10 @@ def _pretrain(work: Path, name: str, corpus: Path, loader: str, steps: int) -> d
     from rayloop.config import RaySection, load_config
 
     ray.shutdown()
-    # Freed memory leaves the resident set at once, so the peaks are each phase's own (as bench/memory.py).
-    env = {**runtime_env(), "env_vars": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+    # The workers' allocator as a job's (bench/memory.py lowers glibc's mmap threshold to see each phase's own peak;
+    # here its system calls would cost the steps whose speed is measured).
     ray.init(address="local", num_cpus=local_num_cpus(None), object_store_memory=RaySection().object_store_memory_mb
-             * 2**20, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
+             * 2**20, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env(),
              logging_level=logging.WARNING)
     cfg = load_config(pretrain.PretrainConfig, [
         "--model.name_or_path=small", f"--storage.path={work}", f"--storage.name={name}", "--data.source=text",
