@@ -110,8 +110,9 @@ class TaskSection(Section):
 class DataSection(Section):
     source: Literal["task", "text", "json", "parquet", "hf"] = "task"
     """`task`: the arithmetic task's corpus and held-out set; `text`: .txt files (one document per non-empty line);
-    `json`: JSON or JSON-lines files; `parquet`: Parquet files; `hf`: a local HF dataset folder
-    (`datasets.save_to_disk`). For json, parquet and hf the text is the column `text_field`."""
+    `json`: JSON or JSON-lines files; `parquet`: Parquet files; `hf`: an HF dataset folder (`datasets.save_to_disk`;
+    the driver hands it to Ray Data whole: for a large corpus, Parquet streams). For json, parquet and hf the text
+    is the column `text_field`."""
     path: str | None = None
     """File or folder for every source but `task`: local, or in storage (`s3://...`), which every node can read."""
     text_field: str = "text"
@@ -145,6 +146,9 @@ class DataSection(Section):
 
         if not storage.exists(storage.normalize(self.path)):
             raise ValueError(f"data.path: no such file or folder {self.path!r}")
+        from rayloop.data import check_source
+
+        check_source(self)  # the files and the text column, before Ray
         return self
 
 

@@ -65,6 +65,43 @@ def _file_texts(file: Path, data: DataSection) -> list[str]:
     return [row.get(data.text_field) for row in rows]
 
 
+def check_source(data: DataSection) -> None:
+    """ValueError naming the field when `data.path` holds no file of its source, or its first file no `text_field`
+    column: read from the first file's head alone, before Ray starts."""
+    from rayloop import storage
+
+    if data.source in ("task", "hf"):
+        return
+    import pyarrow.fs
+
+    filesystem, path = storage.filesystem(storage.normalize(data.path))
+    info = filesystem.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.Directory:
+        found = sorted(i.path for i in filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+                       if i.type == pyarrow.fs.FileType.File and i.path.endswith(TEXT_SUFFIXES[data.source]))
+        if not found:
+            raise ValueError(f"data.path: {data.path!r} holds no {'/'.join(TEXT_SUFFIXES[data.source])} file for "
+                             f"data.source={data.source}")
+        first = found[0]
+    else:
+        first = path
+    if data.source == "parquet":
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(first, filesystem=filesystem).names
+    elif data.source == "json":
+        import json
+
+        with filesystem.open_input_stream(first) as stream:
+            head = stream.read(1 << 20).decode(errors="replace").lstrip()
+        row = json.loads(head.splitlines()[0]) if head and not head.startswith("[") else None
+        columns = list(row) if isinstance(row, dict) else [data.text_field]  # a JSON array: checked when read
+    else:
+        return
+    if data.text_field not in columns:
+        raise ValueError(f"data.text_field: no column {data.text_field!r} in {first} (it has {columns})")
+
+
 def is_held_out(text: str, seed: int, fraction: float) -> bool:
     """Whether a document is held out: by a hash of it and the seed, so the choice needs no pass over the corpus
     and both loaders make the same one."""
@@ -95,6 +132,10 @@ def pack_blocks(texts: list[str], tokenizer, block_size: int):
 # Ray Data: the corpus streamed, never whole in a worker
 # ---------------------------------------------------------------------------------------------------------------
 
+READ_BLOCKS = 200
+"""Blocks every read is cut into, fixed rather than planned from the cluster's size, so that each execution of the
+stream cuts (and packs) the documents the same way whatever the cluster: a worker restarted on a smaller cluster
+reads the same blocks as before."""
 PACK_DOCUMENTS = 1024
 """Documents tokenized and packed together by one `map_batches` call; each batch drops its tail shorter than a
 block, under one block per this many documents."""
@@ -108,8 +149,8 @@ def document_datasets(data: DataSection, task: TaskSection):
         from rayloop.tasks import ArithmeticTask
 
         arithmetic = ArithmeticTask(task)
-        train = ray.data.from_items([{"text": t} for t in arithmetic.pretrain_corpus()])
-        held_out = ray.data.from_items([{"text": p.text} for p in arithmetic.eval_problems])
+        train = ray.data.from_items([{"text": t} for t in arithmetic.pretrain_corpus()], override_num_blocks=1)
+        held_out = ray.data.from_items([{"text": p.text} for p in arithmetic.eval_problems], override_num_blocks=1)
     else:
         split = {"field": "text" if data.source == "text" else data.text_field, "seed": data.seed,
                  "fraction": data.eval_fraction}
@@ -128,11 +169,14 @@ def _read(data: DataSection):
 
     filesystem, path = storage.filesystem(storage.normalize(data.path))
     if data.source == "text":  # one row per non-empty line, in a column named text
-        return ray.data.read_text(path, filesystem=filesystem, file_extensions=["txt"])
+        return ray.data.read_text(path, filesystem=filesystem, file_extensions=["txt"],
+                                  override_num_blocks=READ_BLOCKS)
     if data.source == "json":
-        return ray.data.read_json(path, filesystem=filesystem, file_extensions=["json", "jsonl"])
+        return ray.data.read_json(path, filesystem=filesystem, file_extensions=["json", "jsonl"],
+                                  override_num_blocks=READ_BLOCKS)
     if data.source == "parquet":
-        return ray.data.read_parquet(path, filesystem=filesystem, columns=[data.text_field])
+        return ray.data.read_parquet(path, filesystem=filesystem, columns=[data.text_field],
+                                     override_num_blocks=READ_BLOCKS)
     from datasets import load_from_disk
 
     from rayloop.storage import local_copy
@@ -246,10 +290,10 @@ class BlockStream:
         for rows in self.iterator.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=2):
             for block in rows["input_ids"]:
                 if len(window) < self.shuffle_blocks:
-                    window.append(block)
+                    window.append(block.copy())  # a view would keep its whole batch alive
                     continue
                 i = rng.randrange(len(window))
-                window[i], block = block, window[i]
+                window[i], block = block.copy(), window[i]
                 yield block
         rng.shuffle(window)
         yield from window
@@ -264,7 +308,7 @@ def head_blocks(iterator, *, rank: int, world: int, most: int):
     for rows in iterator.iter_batches(batch_size=256, batch_format="numpy"):
         for block in rows["input_ids"]:
             if seen % world == rank:
-                mine.append(block)
+                mine.append(block.copy())
             seen += 1
             if seen == world * most:
                 return torch.from_numpy(np.stack(mine))

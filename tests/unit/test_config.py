@@ -81,6 +81,12 @@ def test_data_path_must_exist_for_file_sources(tmp_path):
         load_config(PretrainConfig, ["--data.source=text", f"--data.path={tmp_path}/missing.txt"])
     with pytest.raises(ConfigError, match="data.path is required"):
         load_config(PretrainConfig, ["--data.source=hf"])
+    (tmp_path / "docs.jsonl").write_text('{"body": "a document"}\n')
+    with pytest.raises(ConfigError, match="data.text_field: no column 'text' in .*docs.jsonl"):
+        load_config(PretrainConfig, ["--data.source=json", f"--data.path={tmp_path}"])
+    assert load_config(PretrainConfig, ["--data.source=json", f"--data.path={tmp_path}", "--data.text_field=body"])
+    with pytest.raises(ConfigError, match="holds no .parquet file"):
+        load_config(PretrainConfig, ["--data.source=parquet", f"--data.path={tmp_path}"])
     with pytest.raises(ConfigError, match="offload_param needs"):
         load_config(PretrainConfig, ["--deepspeed.offload_param=true"])
 
