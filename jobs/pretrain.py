@@ -279,6 +279,8 @@ def _micro_batches(cfg: PretrainConfig, train_blocks, rank: int, world: int, sta
     micro, accum = cfg.micro_batch_size, cfg.train.grad_accum
     if cfg.data.loader == "ray_data":
         shuffle_blocks = int(cfg.data.shuffle_buffer_bytes) // (8 * cfg.train.seq_len)
+        if position is None and start_step:  # a checkpoint that saved no stream position: counted in steps
+            position = {"epoch": 0, "batch": start_step * accum}
         return BlockStream(ray.train.get_dataset_shard("train"), rank=rank, world=world, micro=micro,
                            seed=cfg.data.seed, shuffle_blocks=shuffle_blocks, position=position)
     return (batch_at(train_blocks, p, micro, cfg.data.seed) for p in itertools.count(start_step * accum))

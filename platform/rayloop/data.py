@@ -241,44 +241,47 @@ class BlockStream:
         self.seed, self.shuffle_blocks = seed, max(1, shuffle_blocks)
         self.epoch = (position or {}).get("epoch", 0)
         self.batch = (position or {}).get("batch", 0)
-        self._batches = self._epoch(self.epoch, skip=self.batch)
+        self._groups, self._seen = None, 0
 
     @property
     def position(self) -> dict:
-        """Where the next micro batch comes from: saved with each checkpoint, handed back on resume."""
+        """Where the next micro batch comes from: saved with each checkpoint, handed back on resume. A `batch` past
+        the end of its epoch carries into the next ones (a position counted in steps alone)."""
         return {"epoch": self.epoch, "batch": self.batch}
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        for _ in range(2):
-            try:
-                batch = next(self._batches)
-            except StopIteration:
-                if self.batch == 0:
-                    break  # an epoch that yields nothing: the corpus cannot fill one group
-                self.epoch, self.batch = self.epoch + 1, 0
-                self._batches = self._epoch(self.epoch, skip=0)
-                continue
-            self.batch += 1
-            return batch
-        raise ValueError(f"the corpus does not fill one micro batch of {self.micro} blocks on each of {self.world} "
-                         f"workers")
-
-    def _epoch(self, epoch: int, skip: int):
         import numpy as np
         import torch
 
+        while True:
+            if self._groups is None:
+                self._groups, self._seen = self._epoch(self.epoch), 0
+            try:
+                mine = next(self._groups)
+            except StopIteration:
+                if self._seen == 0:
+                    raise ValueError(f"the corpus does not fill one micro batch of {self.micro} blocks on each of "
+                                     f"{self.world} workers") from None
+                self.batch = self.batch - self._seen if self.batch > self._seen else 0
+                self.epoch, self._groups = self.epoch + 1, None
+                continue
+            self._seen += 1
+            if self._seen <= self.batch:
+                continue  # trained on before the resume
+            self.batch += 1
+            return torch.from_numpy(np.stack(mine))
+
+    def _epoch(self, epoch: int):
+        """This worker's share of each group of world x micro blocks of the epoch's order."""
         group = self.world * self.micro
-        pending, done = [], 0
+        pending = []
         for block in self._shuffled(epoch):
             pending.append(block)
             if len(pending) == group:
-                if done >= skip:
-                    mine = pending[self.rank * self.micro: (self.rank + 1) * self.micro]
-                    yield torch.from_numpy(np.stack(mine))
-                done += 1
+                yield pending[self.rank * self.micro: (self.rank + 1) * self.micro]
                 pending = []
 
     def _shuffled(self, epoch: int):

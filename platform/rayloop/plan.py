@@ -120,6 +120,8 @@ class Workload:
     """The device's memory as the config states it (`scaling.device_memory_bytes`); None: found on this machine."""
     local: bool = True
     """Ray starts on this machine (no `ray.address`): its memory is the workers' when they are CPU workers."""
+    object_store_bytes: int = 0
+    """The object store of the Ray that the job starts here (`ray.object_store_memory_mb`)."""
 
 
 @dataclass
@@ -247,13 +249,17 @@ def device_capacity(work: Workload) -> tuple[int | None, str]:
             return None, "this machine has no GPU"
         total = torch.cuda.get_device_properties(0).total_memory
         return total, f"{torch.cuda.get_device_name(0)}"
+    import os
+
     import psutil
 
     total = psutil.virtual_memory().total
-    usable = total * RAY_MEMORY_THRESHOLD - RAY_LOCAL_OVERHEAD_BYTES
-    return int(usable / work.num_workers), (f"this machine's {gib(total)} x {RAY_MEMORY_THRESHOLD} (Ray's memory "
-                                            f"monitor) less {gib(RAY_LOCAL_OVERHEAD_BYTES)} for Ray, over "
-                                            f"{work.num_workers} workers")
+    threshold = float(os.environ.get("RAY_memory_usage_threshold", RAY_MEMORY_THRESHOLD))
+    usable = total * threshold - RAY_LOCAL_OVERHEAD_BYTES - work.object_store_bytes
+    return int(usable / work.num_workers), (f"this machine's {gib(total)} x {threshold} (Ray's memory monitor) "
+                                            f"less {gib(RAY_LOCAL_OVERHEAD_BYTES)} for Ray and its "
+                                            f"{gib(work.object_store_bytes)} object store, over {work.num_workers} "
+                                            f"workers")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,7 +282,8 @@ def workload(cfg, shape: ModelShape, *, tokens: int, gradient_checkpointing: boo
                     mixed_precision=scaling.use_gpu and ds.precision != "fp32", activation_bytes=2 if bf16 else 4,
                     tokens=tokens, gradient_checkpointing=gradient_checkpointing,
                     device_memory_bytes=None if scaling.device_memory_bytes is None else int(scaling.device_memory_bytes),
-                    local=cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"), **extra)
+                    local=cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"),
+                    object_store_bytes=cfg.ray.object_store_memory_mb * 2**20, **extra)
 
 
 # Knobs tried, in order, on a config that does not fit: the first set with which it fits is the one named.

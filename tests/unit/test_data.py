@@ -46,3 +46,37 @@ def test_batch_position_is_deterministic_and_covers_an_epoch():
     assert next_epoch != epoch and sorted(next_epoch) == list(range(12))
     with pytest.raises(ValueError):
         batch_at(blocks[:2], 0, 3, seed=1)
+
+
+class _Rows:
+    """What `get_dataset_shard` hands a worker, reduced to the call BlockStream makes: blocks 0..n-1 in order."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def iter_batches(self, **_):
+        import numpy as np
+
+        for i in range(0, self.n, 5):
+            yield {"input_ids": np.arange(i, min(i + 5, self.n))[:, None].repeat(2, axis=1)}
+
+
+def test_block_stream_resumes_from_a_position_anywhere_even_past_its_epoch():
+    from rayloop.data import BlockStream
+
+    def stream(rank, position=None):
+        return BlockStream(_Rows(23), rank=rank, world=2, micro=2, seed=3, shuffle_blocks=6, position=position)
+
+    straight = {rank: [next(s).tolist() for s in [stream(rank)] for _ in range(17)] for rank in (0, 1)}
+    first = straight[0][:5]  # 23 blocks make 5 groups of 2 x 2 per epoch
+    assert len({b[0] for batch in first + straight[1][:5] for b in batch}) == 20
+    for rank in (0, 1):
+        s = stream(rank)
+        for _ in range(7):
+            next(s)
+        assert s.position == {"epoch": 1, "batch": 2}
+        assert [next(stream(rank, s.position)).tolist() for _ in range(1)] == [straight[rank][7]]
+        counted = stream(rank, {"epoch": 0, "batch": 13})  # a checkpoint that counted steps alone
+        assert [next(counted).tolist() for _ in range(4)] == straight[rank][13:17]
+    with pytest.raises(ValueError, match="does not fill one micro batch"):
+        next(BlockStream(_Rows(3), rank=0, world=2, micro=2, seed=0, shuffle_blocks=4))
