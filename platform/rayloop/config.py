@@ -122,10 +122,12 @@ class DataSection(Section):
     but `task`, whose held-out problems are its own."""
     eval_blocks: int = Field(default=1024, ge=1)
     """Most held-out blocks each worker evaluates on (the eval loss of a corpus of any size costs the same)."""
-    loader: Literal["ray_data", "in_memory"] = "ray_data"
+    loader: Literal["ray_data", "in_memory"] = "in_memory"
     """`ray_data`: the corpus streams through Ray Data (read, tokenized and packed in `map_batches`, handed to the
-    TorchTrainer and read with `get_dataset_shard`): a worker's memory does not grow with the corpus. `in_memory`:
-    each worker reads, tokenizes and packs the whole corpus itself (the baseline of bench/data.py)."""
+    TorchTrainer and read with `get_dataset_shard`): a worker's memory does not grow with the corpus; for corpora
+    larger than a worker's memory. `in_memory`: each worker reads, tokenizes and packs the whole corpus itself.
+    The two draw different data orders from the same seed; the demo's figures were measured in memory, and its SFT
+    after a streamed pretraining has yet to be measured over seeds (bench/demo_seeds.py)."""
     read_ahead_bytes: ByteSize = ByteSize(8 * MiB)
     """Object store memory each worker's Ray Data stream may fill ahead of training (`8MiB`, `1GiB`): the stream
     reads and tokenizes this far ahead of the steps, no further, so it spends CPU time on data the steps will use."""

@@ -267,14 +267,16 @@ def device_capacity(work: Workload) -> tuple[int | None, str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def workload(cfg, shape: ModelShape, *, tokens: int, gradient_checkpointing: bool, **extra) -> Workload:
-    """The shared part of every job's `memory_workload`: scaling, DeepSpeed and where Ray runs, from `cfg`."""
+def workload(cfg, shape: ModelShape, *, tokens: int, gradient_checkpointing: bool, buffers_sized: bool = True,
+             **extra) -> Workload:
+    """The shared part of every job's `memory_workload`: scaling, DeepSpeed and where Ray runs, from `cfg`.
+    `buffers_sized`: the job sizes ZeRO's buffers to the model (pretraining); else they are DeepSpeed's own."""
     import os
 
     from rayloop.train import zero_optimization
 
     ds, scaling = cfg.deepspeed, cfg.scaling
-    zero = zero_optimization(ds, scaling.use_gpu, shape.hidden)
+    zero = zero_optimization(ds, scaling.use_gpu, shape.hidden if buffers_sized else None)
     # GPUs train in DeepSpeed's bf16 mode unless told fp32; CPUs keep fp32 weights, and autocast (bf16) saves most
     # activations in bf16. `auto` on a CPU is counted as fp32: the larger figure, without measuring the CPU here.
     bf16 = ds.precision == "bf16" or (ds.precision == "auto" and scaling.use_gpu)

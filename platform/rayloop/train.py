@@ -103,11 +103,10 @@ def torch_adamw_params(use_gpu: bool) -> dict[str, Any]:
     return {"torch_adam": not use_gpu}
 
 
-def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str,
-                        hidden_size: int | None = None) -> dict[str, Any]:
+def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str) -> dict[str, Any]:
     """The same DeepSpeed settings for a transformers/TRL Trainer: sizes, LR and bf16 mode left `auto`, so the
     Trainer fills them from its arguments (it rejects a DeepSpeed config that disagrees with them); `precision`
-    adds DeepSpeed's autocast on a CPU (rayloop/precision.py); ZeRO's buffers sized by the model's `hidden_size`."""
+    adds DeepSpeed's autocast on a CPU (rayloop/precision.py)."""
     from rayloop.precision import deepspeed_precision
 
     # bf16 (DeepSpeed's bf16 mode) is the Trainer's to fill from its `bf16` argument; autocast is ours.
@@ -118,7 +117,7 @@ def hf_deepspeed_config(ds: DeepSpeedSection, *, use_gpu: bool, precision: str,
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
-        "zero_optimization": zero_section(ds, use_gpu, hidden_size),
+        "zero_optimization": zero_section(ds, use_gpu),
         "bf16": {"enabled": "auto"},
         "optimizer": {
             "type": "AdamW",

@@ -90,7 +90,7 @@ def test_a_resumed_run_trains_on_the_blocks_the_uninterrupted_run_does(ray_clust
     def run(name, steps):
         return pretrain.main(load_config(pretrain.PretrainConfig, [
             "--config", "jobs/configs/pretrain_tiny.yaml", f"--storage.path={tmp_path}", f"--storage.name={name}",
-            "--data.source=text", f"--data.path={root / 'text'}", f"--train.steps={steps}",
+            "--data.source=text", f"--data.path={root / 'text'}", "--data.loader=ray_data", f"--train.steps={steps}",
             "--train.checkpoint_every=3", "--train.log_every=1", "--train.global_batch_size=8", "--train.seq_len=16",
             "--optim.schedule=constant", "--optim.warmup_steps=0", "--registry.enabled=false",
             "--data.shuffle_buffer_bytes=4KiB"]))
