@@ -118,14 +118,19 @@ def pack_blocks(texts: list[str], tokenizer, block_size: int):
     """
     import torch
 
+    ids, n = _packed_ids(texts, tokenizer, block_size)
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens make no block of {block_size}")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def _packed_ids(texts: list[str], tokenizer, block_size: int) -> tuple[list[int], int]:
+    """The documents' token ids, each document followed by EOS, and how many whole blocks they fill."""
     ids: list[int] = []
     for encoded in tokenizer(texts)["input_ids"]:
         ids.extend(encoded)
         ids.append(tokenizer.eos_token_id)
-    n = len(ids) // block_size
-    if n == 0:
-        raise ValueError(f"{len(ids)} tokens make no block of {block_size}")
-    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+    return ids, len(ids) // block_size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,12 +221,7 @@ def _tokenizer(model_dir: str):
 def _pack(batch: dict, model_dir: str, block_size: int) -> dict:
     import numpy as np
 
-    tokenizer = _tokenizer(model_dir)
-    ids: list[int] = []
-    for encoded in tokenizer([str(t) for t in batch["text"]])["input_ids"]:
-        ids.extend(encoded)
-        ids.append(tokenizer.eos_token_id)
-    n = len(ids) // block_size
+    ids, n = _packed_ids([str(t) for t in batch["text"]], _tokenizer(model_dir), block_size)
     return {"input_ids": np.asarray(ids[: n * block_size], dtype=np.int64).reshape(n, block_size)}
 
 
